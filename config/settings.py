@@ -1,0 +1,313 @@
+"""The one settings schema of pacsnode.
+
+Every process (node, worker, trainer) reads the same YAML file, overridable per key by
+environment variables ``PACSNODE_<SECTION>__<KEY>`` (e.g. ``PACSNODE_NODE__PORT=11113``).
+Models are strict (``extra="forbid"``) so that a misspelt key is an error that names the key
+instead of a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+
+class Strict(BaseModel):
+    """Base for every section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class TLSSettings(Strict):
+    """DICOM TLS (PS3.15 B.1) for the SCP or for one destination."""
+
+    enabled: bool = False
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle used to verify the peer's certificate"
+    )
+    require_client_cert: bool = Field(
+        default=False, description="SCP only: refuse peers without a certificate signed by ca_file"
+    )
+
+    @model_validator(mode="after")
+    def _files_present(self) -> TLSSettings:
+        if self.enabled and (self.cert_file is None or self.key_file is None):
+            raise ValueError("tls.enabled needs tls.cert_file and tls.key_file")
+        if self.require_client_cert and self.ca_file is None:
+            raise ValueError("tls.require_client_cert needs tls.ca_file")
+        return self
+
+
+class PeerRule(Strict):
+    """One entry of the calling-AE / host allow-list."""
+
+    ae_title: str = Field(default="*", description="calling AE title, or * for any")
+    hosts: list[str] = Field(description="IP addresses or CIDR networks the peer may call from")
+
+    @field_validator("hosts")
+    @classmethod
+    def _valid_networks(cls, hosts: list[str]) -> list[str]:
+        for host in hosts:
+            ipaddress.ip_network(host, strict=False)
+        return hosts
+
+
+class NodeSettings(Strict):
+    """The DICOM SCP and the node's own state."""
+
+    ae_title: str = Field(default="PACSNODE", max_length=16)
+    host: str = "0.0.0.0"
+    port: int = Field(default=11112, ge=0, le=65535)
+    data_dir: Path = Field(
+        default=Path("pacsnode-data"),
+        description="study store, index and embedded broker live below this folder",
+    )
+    store_dir: Path | None = Field(
+        default=None, description="study store; default <data_dir>/store (a shared filesystem for remote workers)"
+    )
+    max_associations: int = Field(default=32, ge=1)
+    max_associations_per_host: int = Field(
+        default=16, ge=1, description="one host cannot take every association slot"
+    )
+    acse_timeout_s: float = Field(default=10.0, gt=0, description="wait for A-ASSOCIATE-RQ / release")
+    dimse_timeout_s: float = Field(default=30.0, gt=0)
+    network_timeout_s: float = Field(default=30.0, gt=0, description="a silent peer is cut off after this")
+    max_pdu_bytes: int = Field(
+        default=1_048_576, ge=0, description="max PDU we receive; large PDUs mean fewer Python round trips"
+    )
+    min_free_disk_mb: int = Field(
+        default=1024, ge=0, description="below this free space C-STORE answers 0xA700 (out of resources)"
+    )
+    quiet_period_s: float = Field(default=10.0, gt=0, description="a study is complete after this long without a new instance")
+    allow_loopback: bool = Field(default=True, description="peers on 127.0.0.0/8 and ::1 need no allow-list entry")
+    allowed_peers: list[PeerRule] = Field(
+        default_factory=list, description="every non-loopback peer must match one entry"
+    )
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+    mpps: bool = Field(default=True, description="accept MPPS; N-SET COMPLETED completes a study early")
+    uid_root: str = Field(
+        default="2.25", description="root of the UIDs of results this node produces (recognised on return)"
+    )
+    manufacturer: str = Field(default="pacsnode", description="Contributing Equipment manufacturer of our results")
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        if not value.strip() or "\\" in value:
+            raise ValueError("AE title must be 1-16 characters without backslash")
+        return value.strip()
+
+    @property
+    def store_path(self) -> Path:
+        return self.store_dir if self.store_dir is not None else self.data_dir / "store"
+
+    @property
+    def index_path(self) -> Path:
+        return self.data_dir / "index.sqlite3"
+
+
+class BrokerSettings(Strict):
+    """Where dispatches go and reports come from.
+
+    ``url`` unset means the embedded broker: kombu's filesystem transport below the data
+    folder, served by a real worker process that ``pacsnode serve`` starts.
+    """
+
+    url: SecretStr | None = Field(default=None, description="e.g. redis://127.0.0.1:6379/0; unset = embedded")
+    visibility_timeout_s: int = Field(
+        default=7200, ge=60, description="must exceed the longest task, or Redis redelivers it"
+    )
+    report_queue: str = "pacsnode.reports"
+    connect_timeout_s: float = Field(default=3.0, gt=0)
+
+
+class Destination(Strict):
+    """A DICOM peer that receives results."""
+
+    name: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    ae_title: str = Field(max_length=16)
+    tls: TLSSettings = Field(default_factory=TLSSettings)
+    accepts_sr_seg: bool = Field(default=True, description="false: send Key Objects and Secondary Captures instead")
+
+
+MatchOperator = Literal["equals", "in", "regex", "range"]
+
+
+class AttributeCondition(Strict):
+    """One test of one series attribute (a multi-valued attribute matches if any value does)."""
+
+    attribute: Literal[
+        "Modality", "BodyPartExamined", "SOPClassUID", "ImageType", "SeriesDescription",
+        "StudyDescription", "SliceThickness", "Rows", "Columns", "InstanceCount",
+    ]
+    equals: str | float | None = None
+    in_: list[str] | None = Field(default=None, alias="in")
+    regex: str | None = None
+    min: float | None = None
+    max: float | None = None
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _one_operator(self) -> AttributeCondition:
+        given = [
+            self.equals is not None,
+            self.in_ is not None,
+            self.regex is not None,
+            self.min is not None or self.max is not None,
+        ]
+        if sum(given) != 1:
+            raise ValueError(f"condition on {self.attribute} needs exactly one of equals, in, regex, min/max")
+        if self.regex is not None:
+            re.compile(self.regex)
+        return self
+
+
+class AllOf(Strict):
+    all: list[Condition]
+
+
+class AnyOf(Strict):
+    any: list[Condition]
+
+
+Condition = Annotated[Union[AllOf, AnyOf, AttributeCondition], Field(union_mode="left_to_right")]
+AllOf.model_rebuild()
+AnyOf.model_rebuild()
+
+
+class Expectation(Strict):
+    """What a rule needs, so a study can complete before the quiet period ends."""
+
+    min_instances: int | None = Field(default=None, ge=1)
+    series_descriptions: list[str] = Field(
+        default_factory=list, description="regexes; each must match one received series"
+    )
+
+    @field_validator("series_descriptions")
+    @classmethod
+    def _regexes(cls, values: list[str]) -> list[str]:
+        for value in values:
+            re.compile(value)
+        return values
+
+
+class RoutingRule(Strict):
+    """Sends studies with a series matching ``match`` to ``pipeline``."""
+
+    name: str
+    pipeline: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    priority: Literal["urgent", "routine"] = "routine"
+    match: Condition
+    expect: Expectation | None = None
+
+
+class RoutingSettings(Strict):
+    rules: list[RoutingRule] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> RoutingSettings:
+        names = [rule.name for rule in self.rules]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"routing rule names must be unique: {', '.join(duplicates)}")
+        return self
+
+
+class RetentionSettings(Strict):
+    """Purging of finished studies; studies in flight are never purged."""
+
+    processed_max_age_days: float = Field(default=30, gt=0)
+    unmatched_max_age_days: float = Field(default=7, gt=0)
+    max_disk_used_percent: float = Field(default=85, gt=0, le=100)
+    interval_s: float = Field(default=3600, gt=0)
+
+
+class WorkerSettings(Strict):
+    embedded: bool = Field(default=True, description="pacsnode serve starts one worker process itself")
+    concurrency: int = Field(default=1, ge=1, description="processes per worker; one per GPU")
+    device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N")
+    max_attempts: int = Field(default=3, ge=1, description="a study that kills its worker this often ends failed")
+    models_dir: Path = Path("pacsnode-data/models")
+
+
+class HttpSettings(Strict):
+    """Health and Prometheus metrics."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+
+
+class LoggingSettings(Strict):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    json_format: bool = Field(default=True, alias="json")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class Settings(BaseSettings):
+    """Everything configurable, in one tree."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PACSNODE_", env_nested_delimiter="__", extra="forbid", yaml_file=None
+    )
+
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    destinations: list[Destination] = Field(default_factory=list)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    workers: WorkerSettings = Field(default_factory=WorkerSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        yaml_file = settings_cls.model_config.get("yaml_file")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if yaml_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+
+def default_config_path() -> Path:
+    """The commented default configuration shipped with the package."""
+    return Path(__file__).with_name("pacsnode.yaml")
+
+
+def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
+    """Load settings from ``path`` (default: the shipped defaults) plus environment overrides.
+
+    Raises ``FileNotFoundError`` for a missing file and ``pydantic.ValidationError`` naming
+    each bad key.
+    """
+    config_file = path if path is not None else default_config_path()
+    if not config_file.is_file():
+        raise FileNotFoundError(f"config file not found: {config_file}")
+
+    class _FromFile(Settings):
+        model_config = SettingsConfigDict(yaml_file=config_file)
+
+    return _FromFile(**overrides)

@@ -1,0 +1,82 @@
+"""Study assembly: decides when a receiving study is complete and commits its dispatches.
+
+Complete means one of: the quiet period passed with no new image; every rule that matches the
+study declares an expectation and all are met; or a COMPLETED MPPS step lists images that have
+all arrived. Completion routes the study and commits its jobs to the outbox in the same
+transaction (``StudyIndex.complete_study``); publishing is the dispatcher's business.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import structlog
+
+from config.settings import Settings
+from node.index import PRIORITY_VALUE, JobSpec, StudyIndex, StudyRow, job_id_for
+from node.messages import DispatchMessage, SeriesRef
+from node.routing import Route, expectation_met, route
+
+
+class Assembler:
+    def __init__(self, settings: Settings, index: StudyIndex, poll_s: float = 0.25) -> None:
+        self._settings = settings
+        self._index = index
+        self._poll_s = poll_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="assembler", daemon=True)
+        self._log = structlog.get_logger("pacsnode.assembler")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._poll_s):
+            self.tick(time.time())
+
+    def tick(self, now: float) -> int:
+        """Complete every study that is due; returns how many were completed."""
+        completed = 0
+        for study in self._index.receiving_studies():
+            series = self._index.image_series(study.study_uid)
+            routes = route(self._settings.routing.rules, series)
+            why = self._completion_reason(study, routes, now)
+            if why is None:
+                continue
+            jobs = [self._job(study, r) for r in routes]
+            if self._index.complete_study(study.study_uid, study.version, jobs, now):
+                completed += 1
+                self._log.info("study complete", study_uid=study.study_uid, version=study.version, why=why,
+                               pipelines=[r.rule.pipeline for r in routes] or None)
+        return completed
+
+    def _completion_reason(self, study: StudyRow, routes: list[Route], now: float) -> str | None:
+        if now - study.last_instance_at >= self._settings.node.quiet_period_s:
+            return "quiet period"
+        if routes and all(r.rule.expect is not None and expectation_met(r.rule.expect, r.series) for r in routes):
+            return "routing expectation met"
+        expected = self._index.mpps_expected(study.study_uid)
+        if expected and expected <= self._index.received_sop_uids(study.study_uid):
+            return "mpps completed"
+        return None
+
+    def _job(self, study: StudyRow, r: Route) -> JobSpec:
+        message = DispatchMessage(
+            job_id=job_id_for(study.study_uid, study.version, r.rule.pipeline),
+            study_uid=study.study_uid,
+            version=study.version,
+            pipeline=r.rule.pipeline,
+            priority=r.rule.priority,
+            series=[
+                SeriesRef(series_uid=s.series_uid, modality=s.modality,
+                          instances=self._index.series_instances(s.series_uid))
+                for s in r.series
+            ],
+        )
+        return JobSpec(pipeline=r.rule.pipeline, rule=r.rule.name, priority=PRIORITY_VALUE[r.rule.priority],
+                       payload=message.model_dump_json())

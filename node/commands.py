@@ -1,0 +1,151 @@
+"""The node's verbs of ``pacsnode``: serve, config, status, send, purge.
+
+Heavy imports stay inside the functions so that ``pacsnode --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+
+from config.settings import Settings, load_settings
+
+ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="settings file (default: shipped defaults)")]
+
+
+def _settings(config: Path | None, **overrides: Any) -> Settings:
+    """Load settings or exit with a message naming the bad key."""
+    try:
+        return load_settings(config, **overrides)
+    except FileNotFoundError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--config") from exc
+    except ValidationError as exc:
+        lines = [
+            f"  {'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        ]
+        typer.echo("invalid settings:\n" + "\n".join(lines), err=True)
+        raise typer.Exit(2) from exc
+
+
+def serve(
+    config: ConfigOption = None,
+    port: Annotated[int | None, typer.Option(help="DICOM port (default: node.port)")] = None,
+    ae_title: Annotated[str | None, typer.Option("--ae-title", help="called AE title")] = None,
+    store: Annotated[Path | None, typer.Option(help="study store folder")] = None,
+    worker: Annotated[bool | None, typer.Option("--worker/--no-worker", help="run the embedded worker")] = None,
+) -> None:
+    """Run the node: DICOM SCP, study assembly, routing, dispatch, metrics."""
+    node: dict[str, Any] = {}
+    if port is not None:
+        node["port"] = port
+    if ae_title is not None:
+        node["ae_title"] = ae_title
+    if store is not None:
+        node["store_dir"] = store
+    settings = _settings(config, **({"node": node} if node else {}))
+    from node.logs import configure_logging
+    from node.service import Node
+
+    configure_logging(settings.logging)
+    try:
+        Node(settings, config_file=config, with_worker=worker).run_forever()
+    except OSError as exc:
+        typer.echo(f"cannot start: {exc}", err=True)
+        raise typer.Exit(1) from exc
+
+
+config_app = typer.Typer(no_args_is_help=True)
+
+
+@config_app.callback()
+def config_group() -> None:
+    """Inspect the settings."""
+
+
+@config_app.command("check")
+def config_check(config: ConfigOption = None) -> None:
+    """Validate the settings and print the effective values (secrets masked)."""
+    settings = _settings(config)
+    import yaml
+
+    typer.echo(yaml.safe_dump(settings.model_dump(mode="json", by_alias=True), sort_keys=False))
+
+
+def status(
+    config: ConfigOption = None,
+    state: Annotated[str | None, typer.Option(help="only studies in this state")] = None,
+    limit: Annotated[int, typer.Option(help="rows to show")] = 50,
+) -> None:
+    """Studies and their states, from the node's index."""
+    settings = _settings(config)
+    from rich.console import Console
+    from rich.table import Table
+
+    from node.index import StudyIndex
+
+    if not settings.node.index_path.exists():
+        raise typer.BadParameter(f"no index at {settings.node.index_path}", param_hint="--config")
+    index = StudyIndex(settings.node.index_path)
+    console = Console()
+    counts = index.counts_by_state()
+    console.print("Studies by state: " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"))
+    table = Table("Study Instance UID", "v", "state", "images", "MB", "pipelines", "reason", "updated")
+    for study in index.studies(state, limit):
+        jobs = [j for j in index.jobs_of(study.study_uid) if j.version == study.version]
+        table.add_row(study.study_uid, str(study.version), study.state, str(study.image_count),
+                      f"{study.bytes / 1e6:.1f}", ", ".join(f"{j.pipeline}:{j.state}" for j in jobs),
+                      study.reason, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(study.updated_at)))
+    console.print(table)
+
+
+def send(
+    paths: Annotated[list[Path], typer.Argument(help="DICOM files or folders", exists=True)],
+    to: Annotated[str, typer.Option("--to", help="HOST:PORT of the receiver")],
+    aec: Annotated[str, typer.Option(help="called AE title")] = "PACSNODE",
+    aet: Annotated[str, typer.Option(help="our calling AE title")] = "PACSNODE-SCU",
+) -> None:
+    """Send DICOM files (C-STORE), exactly as they are on disk, with a progress bar."""
+    host, _, port_text = to.rpartition(":")
+    if not host or not port_text.isdigit():
+        raise typer.BadParameter("expected HOST:PORT", param_hint="--to")
+    from rich.progress import Progress
+
+    from node.send import SendReport, scan, send_files
+
+    report = SendReport()
+    outgoing = scan(paths, report)
+    with Progress() as progress:
+        bar = progress.add_task("sending", total=len(outgoing))
+        result = send_files(outgoing, host, int(port_text), aec, aet, progress=lambda _: progress.advance(bar))
+    result.skipped.update(report.skipped)
+    for path, why in {**result.skipped, **result.failed}.items():
+        typer.echo(f"{path}: {why}", err=True)
+    typer.echo(f"sent {result.sent}, failed {len(result.failed)}, skipped {len(result.skipped)}")
+    if result.failed:
+        raise typer.Exit(1)
+
+
+def purge(
+    config: ConfigOption = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would go, delete nothing")] = False,
+) -> None:
+    """Apply the retention policy now: finished studies by age and disk use."""
+    settings = _settings(config)
+    from node.index import StudyIndex
+    from node.retention import apply_purge, plan_purge
+    from node.store import StudyStore
+
+    index = StudyIndex(settings.node.index_path)
+    store = StudyStore(settings.node.store_path)
+    items = plan_purge(index, store, settings.retention, time.time())
+    for item in items:
+        typer.echo(f"{item.study_uid}\t{item.state}\t{item.bytes / 1e6:.1f} MB\t{item.why}")
+    if dry_run:
+        typer.echo(f"dry run: {len(items)} studies would be purged")
+        return
+    purged, freed = apply_purge(index, store, items)
+    typer.echo(f"purged {purged} studies, freed {freed / 1e6:.1f} MB")

@@ -1,0 +1,536 @@
+"""The study index: studies, series, instances, dispatch jobs (the outbox) and MPPS, in SQLite.
+
+The node is the only process that opens it (workers report through the broker). Every thread
+gets its own connection; WAL with ``synchronous=FULL`` makes each commit durable, and the
+ingest path batches many instances into one commit (see ``node.ingest``).
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.headers import InstanceHeader, InstanceKind
+from node.messages import JobState, ReportMessage
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS studies (
+    study_uid TEXT PRIMARY KEY,
+    version INTEGER NOT NULL DEFAULT 1,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    study_date TEXT NOT NULL DEFAULT '',
+    study_description TEXT NOT NULL DEFAULT '',
+    image_count INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL,
+    last_instance_at REAL NOT NULL,
+    completed_at REAL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS studies_state ON studies(state, last_instance_at);
+CREATE TABLE IF NOT EXISTS series (
+    series_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    modality TEXT NOT NULL,
+    body_part TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    image_type TEXT NOT NULL,
+    series_description TEXT NOT NULL,
+    study_description TEXT NOT NULL,
+    series_number INTEGER,
+    rows INTEGER,
+    columns INTEGER,
+    slice_thickness REAL,
+    kind TEXT NOT NULL,
+    instance_count INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS series_study ON series(study_uid);
+CREATE TABLE IF NOT EXISTS instances (
+    sop_uid TEXT PRIMARY KEY,
+    series_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    transfer_syntax_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    kind TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    received_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+CREATE INDEX IF NOT EXISTS instances_study ON instances(study_uid);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    pipeline TEXT NOT NULL,
+    rule TEXT NOT NULL,
+    priority INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    reason TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    payload TEXT NOT NULL,
+    results TEXT NOT NULL DEFAULT '[]',
+    findings TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL,
+    published_at REAL,
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_pending ON jobs(state, priority DESC, created_at);
+CREATE INDEX IF NOT EXISTS jobs_study ON jobs(study_uid, version);
+CREATE TABLE IF NOT EXISTS produced (
+    sop_uid TEXT PRIMARY KEY,
+    job_id TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS mpps (
+    mpps_uid TEXT PRIMARY KEY,
+    study_uid TEXT NOT NULL,
+    status TEXT NOT NULL,
+    expected TEXT NOT NULL DEFAULT '[]',
+    updated_at REAL NOT NULL
+);
+"""
+
+
+class StudyState(str, enum.Enum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"  # assembled and routed; dispatch committed, not yet published
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    DONE = "done"
+    FAILED = "failed"
+    NOT_APPLICABLE = "not_applicable"
+    UNMATCHED = "unmatched"  # no routing rule: kept and listed, never dispatched
+
+
+IN_FLIGHT = (StudyState.RECEIVING, StudyState.COMPLETE, StudyState.QUEUED, StudyState.PROCESSING)
+PRIORITY_VALUE = {"urgent": 9, "routine": 0}
+PRIORITY_NAME = {value: name for name, value in PRIORITY_VALUE.items()}
+
+
+class IngestChange(enum.Enum):
+    NEW = "new"  # a new instance was indexed
+    KNOWN = "known"  # already indexed: nothing changed
+    VANISHED = "vanished"  # its file was purged before it was indexed: the peer must resend
+
+
+@dataclass(frozen=True)
+class Received:
+    """One instance made durable in the store, ready to be indexed."""
+
+    header: InstanceHeader
+    path: str  # relative to the store
+    size: int
+    absolute: Path
+
+
+@dataclass(frozen=True)
+class SeriesRow:
+    series_uid: str
+    study_uid: str
+    modality: str
+    body_part: str
+    sop_class_uid: str
+    image_type: str
+    series_description: str
+    study_description: str
+    series_number: int | None
+    rows: int | None
+    columns: int | None
+    slice_thickness: float | None
+    kind: str
+    instance_count: int
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A dispatch decided by routing, to be committed in the outbox."""
+
+    pipeline: str
+    rule: str
+    priority: int
+    payload: str  # a DispatchMessage as JSON
+
+
+@dataclass(frozen=True)
+class JobRow:
+    job_id: str
+    study_uid: str
+    version: int
+    pipeline: str
+    priority: int
+    state: str
+    reason: str
+    attempts: int
+    payload: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class StudyRow:
+    study_uid: str
+    version: int
+    state: str
+    reason: str
+    study_date: str
+    study_description: str
+    image_count: int
+    bytes: int
+    created_at: float
+    last_instance_at: float
+    completed_at: float | None
+    updated_at: float
+
+
+def job_id_for(study_uid: str, version: int, pipeline: str) -> str:
+    """Deterministic: the same dispatch always has the same id (idempotent publishing)."""
+    return f"{study_uid}/v{version}/{pipeline}"
+
+
+class StudyIndex:
+    """SQLite-backed state of the node. Thread-safe: one connection per thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._connection().executescript(SCHEMA)
+
+    def _connection(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            self._local.conn = conn
+        return conn
+
+    def close(self) -> None:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT: one writer at a time, durable on return."""
+        conn = self._connection()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def _read(self, sql: str, params: Iterable[object] = ()) -> list[sqlite3.Row]:
+        return self._connection().execute(sql, tuple(params)).fetchall()
+
+    # --- ingest -------------------------------------------------------------------------
+
+    def record_instances(self, batch: list[Received], now: float) -> list[IngestChange]:
+        """Index a batch of durable instances in one transaction (group commit).
+
+        An image instance opens its study, or re-opens a study that was already complete or
+        dispatched as a new version (pending dispatches of the old version are superseded).
+        Non-image objects and results are indexed but never touch the study's state.
+        """
+        changes: list[IngestChange] = []
+        with self.transaction() as conn:
+            for item in batch:
+                changes.append(self._record_one(conn, item, now))
+        return changes
+
+    def _record_one(self, conn: sqlite3.Connection, item: Received, now: float) -> IngestChange:
+        header = item.header
+        key = header.key
+        if conn.execute("SELECT 1 FROM instances WHERE sop_uid=?", (key.sop_uid,)).fetchone():
+            return IngestChange.KNOWN
+        if not item.absolute.exists():
+            return IngestChange.VANISHED
+        is_image = header.kind is InstanceKind.IMAGE
+        study = conn.execute(
+            "SELECT version, state FROM studies WHERE study_uid=?", (key.study_uid,)
+        ).fetchone()
+        if study is None:
+            version = 1
+            state = StudyState.RECEIVING if is_image else StudyState.NOT_APPLICABLE
+            conn.execute(
+                "INSERT INTO studies(study_uid, version, state, reason, study_date, study_description,"
+                " created_at, last_instance_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (key.study_uid, version, state.value, "" if is_image else "no images received",
+                 header.study_date, header.study_description, now, now, now),
+            )
+        else:
+            version = int(study["version"])
+            if is_image and study["state"] != StudyState.RECEIVING.value:
+                version += 1
+                conn.execute(
+                    "UPDATE jobs SET state=?, reason=?, updated_at=? WHERE study_uid=? AND state=?",
+                    (JobState.SUPERSEDED.value, f"study re-opened as version {version}", now,
+                     key.study_uid, JobState.PENDING.value),
+                )
+                conn.execute(
+                    "UPDATE studies SET version=?, state=?, reason='', completed_at=NULL WHERE study_uid=?",
+                    (version, StudyState.RECEIVING.value, key.study_uid),
+                )
+        if is_image:
+            conn.execute(
+                "UPDATE studies SET image_count=image_count+1, bytes=bytes+?, last_instance_at=?, updated_at=?"
+                " WHERE study_uid=?",
+                (item.size, now, now, key.study_uid),
+            )
+        else:
+            conn.execute(
+                "UPDATE studies SET bytes=bytes+?, updated_at=? WHERE study_uid=?",
+                (item.size, now, key.study_uid),
+            )
+        conn.execute(
+            "INSERT INTO series(series_uid, study_uid, modality, body_part, sop_class_uid, image_type,"
+            " series_description, study_description, series_number, rows, columns, slice_thickness, kind,"
+            " instance_count) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,1)"
+            " ON CONFLICT(series_uid) DO UPDATE SET instance_count=instance_count+1",
+            (key.series_uid, key.study_uid, header.modality, header.body_part, header.sop_class_uid,
+             header.image_type, header.series_description, header.study_description, header.series_number,
+             header.rows, header.columns, header.slice_thickness, header.kind.value),
+        )
+        conn.execute(
+            "INSERT INTO instances(sop_uid, series_uid, study_uid, sop_class_uid, transfer_syntax_uid, path,"
+            " size, kind, version, received_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+            (key.sop_uid, key.series_uid, key.study_uid, header.sop_class_uid, header.transfer_syntax_uid,
+             item.path, item.size, header.kind.value, version, now),
+        )
+        return IngestChange.NEW
+
+    def is_produced(self, sop_uid: str) -> bool:
+        """True for a SOP Instance UID that one of our workers produced."""
+        return bool(self._read("SELECT 1 FROM produced WHERE sop_uid=?", (sop_uid,)))
+
+    # --- assembly -----------------------------------------------------------------------
+
+    def receiving_studies(self) -> list[StudyRow]:
+        rows = self._read("SELECT * FROM studies WHERE state=?", (StudyState.RECEIVING.value,))
+        return [StudyRow(**dict(row)) for row in rows]
+
+    def study(self, study_uid: str) -> StudyRow | None:
+        rows = self._read("SELECT * FROM studies WHERE study_uid=?", (study_uid,))
+        return StudyRow(**dict(rows[0])) if rows else None
+
+    def image_series(self, study_uid: str) -> list[SeriesRow]:
+        rows = self._read(
+            "SELECT * FROM series WHERE study_uid=? AND kind=? ORDER BY series_number, series_uid",
+            (study_uid, InstanceKind.IMAGE.value),
+        )
+        return [SeriesRow(**dict(row)) for row in rows]
+
+    def series_instances(self, series_uid: str) -> list[str]:
+        rows = self._read(
+            "SELECT path FROM instances WHERE series_uid=? ORDER BY path", (series_uid,)
+        )
+        return [str(row["path"]) for row in rows]
+
+    def received_sop_uids(self, study_uid: str) -> set[str]:
+        rows = self._read("SELECT sop_uid FROM instances WHERE study_uid=?", (study_uid,))
+        return {str(row["sop_uid"]) for row in rows}
+
+    def complete_study(self, study_uid: str, version: int, jobs: list[JobSpec], now: float) -> bool:
+        """Close a study version: commit its dispatches (the outbox) or mark it unmatched.
+
+        Returns False when the study changed meanwhile (a new instance, another version), in
+        which case nothing is written and the assembler looks again later.
+        """
+        with self.transaction() as conn:
+            current = conn.execute(
+                "SELECT version, state FROM studies WHERE study_uid=?", (study_uid,)
+            ).fetchone()
+            if current is None or current["version"] != version or current["state"] != StudyState.RECEIVING.value:
+                return False
+            if not jobs:
+                conn.execute(
+                    "UPDATE studies SET state=?, reason=?, completed_at=?, updated_at=? WHERE study_uid=?",
+                    (StudyState.UNMATCHED.value, "no routing rule matched", now, now, study_uid),
+                )
+                return True
+            for job in jobs:
+                conn.execute(
+                    "INSERT OR IGNORE INTO jobs(job_id, study_uid, version, pipeline, rule, priority, state,"
+                    " payload, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                    (job_id_for(study_uid, version, job.pipeline), study_uid, version, job.pipeline, job.rule,
+                     job.priority, JobState.PENDING.value, job.payload, now, now),
+                )
+            conn.execute(
+                "UPDATE studies SET state=?, completed_at=?, updated_at=? WHERE study_uid=?",
+                (StudyState.COMPLETE.value, now, now, study_uid),
+            )
+        return True
+
+    # --- MPPS ---------------------------------------------------------------------------
+
+    def record_mpps(self, mpps_uid: str, study_uid: str | None, status: str, expected: list[str] | None,
+                    now: float) -> None:
+        with self.transaction() as conn:
+            row = conn.execute("SELECT study_uid, expected FROM mpps WHERE mpps_uid=?", (mpps_uid,)).fetchone()
+            study = study_uid or (row["study_uid"] if row else "")
+            expected_json = json.dumps(expected) if expected is not None else (row["expected"] if row else "[]")
+            conn.execute(
+                "INSERT INTO mpps(mpps_uid, study_uid, status, expected, updated_at) VALUES (?,?,?,?,?)"
+                " ON CONFLICT(mpps_uid) DO UPDATE SET study_uid=excluded.study_uid, status=excluded.status,"
+                " expected=excluded.expected, updated_at=excluded.updated_at",
+                (mpps_uid, study, status, expected_json, now),
+            )
+
+    def mpps_expected(self, study_uid: str) -> set[str] | None:
+        """SOP Instance UIDs that COMPLETED MPPS steps of this study list; None if none completed."""
+        rows = self._read(
+            "SELECT expected FROM mpps WHERE study_uid=? AND status='COMPLETED'", (study_uid,)
+        )
+        if not rows:
+            return None
+        expected: set[str] = set()
+        for row in rows:
+            expected.update(json.loads(row["expected"]))
+        return expected
+
+    # --- dispatch outbox ----------------------------------------------------------------
+
+    def pending_jobs(self, limit: int = 100) -> list[JobRow]:
+        """Pending dispatches, urgent first, then oldest first."""
+        rows = self._read(
+            "SELECT job_id, study_uid, version, pipeline, priority, state, reason, attempts, payload, created_at"
+            " FROM jobs WHERE state=? ORDER BY priority DESC, created_at LIMIT ?",
+            (JobState.PENDING.value, limit),
+        )
+        return [JobRow(**dict(row)) for row in rows]
+
+    def mark_published(self, job_id: str, now: float) -> None:
+        with self.transaction() as conn:
+            updated = conn.execute(
+                "UPDATE jobs SET state=?, published_at=?, updated_at=? WHERE job_id=? AND state=?",
+                (JobState.QUEUED.value, now, now, job_id, JobState.PENDING.value),
+            ).rowcount
+            if updated:
+                study_uid, version = conn.execute(
+                    "SELECT study_uid, version FROM jobs WHERE job_id=?", (job_id,)
+                ).fetchone()
+                self._refresh_study(conn, study_uid, version, now)
+
+    def jobs_of(self, study_uid: str) -> list[JobRow]:
+        rows = self._read(
+            "SELECT job_id, study_uid, version, pipeline, priority, state, reason, attempts, payload, created_at"
+            " FROM jobs WHERE study_uid=? ORDER BY version, pipeline",
+            (study_uid,),
+        )
+        return [JobRow(**dict(row)) for row in rows]
+
+    def apply_report(self, report: ReportMessage, now: float) -> bool:
+        """Apply a worker's report; returns False for an unknown job (kept out of the index)."""
+        with self.transaction() as conn:
+            row = conn.execute(
+                "SELECT study_uid, version, state FROM jobs WHERE job_id=?", (report.job_id,)
+            ).fetchone()
+            if row is None:
+                return False
+            terminal = {JobState.DONE.value, JobState.FAILED.value, JobState.NOT_APPLICABLE.value}
+            if row["state"] in terminal and report.state is JobState.PROCESSING:
+                return True  # a late "processing" from a redelivery must not undo an outcome
+            conn.execute(
+                "UPDATE jobs SET state=?, reason=?, attempts=MAX(attempts, ?), results=?, findings=?,"
+                " updated_at=? WHERE job_id=?",
+                (report.state.value, report.reason, report.attempt, json.dumps(report.results),
+                 json.dumps(report.findings), now, report.job_id),
+            )
+            conn.executemany(
+                "INSERT OR IGNORE INTO produced(sop_uid, job_id) VALUES (?,?)",
+                [(uid, report.job_id) for uid in report.result_sop_uids],
+            )
+            self._refresh_study(conn, row["study_uid"], row["version"], now)
+        return True
+
+    @staticmethod
+    def _refresh_study(conn: sqlite3.Connection, study_uid: str, version: int, now: float) -> None:
+        """Derive the study's state from the jobs of its current version."""
+        study = conn.execute("SELECT version, state FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
+        if study is None or study["version"] != version or study["state"] == StudyState.RECEIVING.value:
+            return
+        states = [
+            r["state"] for r in conn.execute(
+                "SELECT state FROM jobs WHERE study_uid=? AND version=?", (study_uid, version)
+            )
+        ]
+        reasons = [
+            r["reason"] for r in conn.execute(
+                "SELECT reason FROM jobs WHERE study_uid=? AND version=? AND reason!=''", (study_uid, version)
+            )
+        ]
+        if not states:
+            return
+        if any(s == JobState.PENDING.value for s in states):
+            new = StudyState.COMPLETE
+        elif any(s == JobState.PROCESSING.value for s in states):
+            new = StudyState.PROCESSING
+        elif any(s == JobState.QUEUED.value for s in states):
+            new = StudyState.QUEUED
+        elif any(s == JobState.FAILED.value for s in states):
+            new = StudyState.FAILED
+        elif any(s == JobState.DONE.value for s in states):
+            new = StudyState.DONE
+        else:
+            new = StudyState.NOT_APPLICABLE
+        conn.execute(
+            "UPDATE studies SET state=?, reason=?, updated_at=? WHERE study_uid=?",
+            (new.value, "; ".join(reasons), now, study_uid),
+        )
+
+    # --- listing and retention ----------------------------------------------------------
+
+    def studies(self, state: str | None = None, limit: int = 200) -> list[StudyRow]:
+        if state:
+            rows = self._read(
+                "SELECT * FROM studies WHERE state=? ORDER BY updated_at DESC LIMIT ?", (state, limit)
+            )
+        else:
+            rows = self._read("SELECT * FROM studies ORDER BY updated_at DESC LIMIT ?", (limit,))
+        return [StudyRow(**dict(row)) for row in rows]
+
+    def counts_by_state(self) -> dict[str, int]:
+        rows = self._read("SELECT state, COUNT(*) AS n FROM studies GROUP BY state")
+        return {str(row["state"]): int(row["n"]) for row in rows}
+
+    def finished_studies_oldest_first(self) -> list[StudyRow]:
+        in_flight = tuple(s.value for s in IN_FLIGHT)
+        rows = self._read(
+            f"SELECT * FROM studies WHERE state NOT IN ({','.join('?' * len(in_flight))})"
+            " ORDER BY updated_at",
+            in_flight,
+        )
+        return [StudyRow(**dict(row)) for row in rows]
+
+    def forget_study(self, study_uid: str, expected_updated_at: float, retire_files: Callable[[], object]) -> bool:
+        """Remove a finished study from the index, unless it changed since it was chosen.
+
+        ``retire_files`` (moving the study's folder out of the store) runs inside the same
+        transaction, so an instance arriving meanwhile is either indexed first (and the study
+        is kept) or finds its file gone and is refused, to be re-sent.
+        """
+        in_flight = tuple(s.value for s in IN_FLIGHT)
+        with self.transaction() as conn:
+            deleted = conn.execute(
+                f"DELETE FROM studies WHERE study_uid=? AND updated_at=? AND state NOT IN"
+                f" ({','.join('?' * len(in_flight))})",
+                (study_uid, expected_updated_at, *in_flight),
+            ).rowcount
+            if not deleted:
+                return False
+            for table in ("series", "instances", "jobs", "mpps"):
+                conn.execute(f"DELETE FROM {table} WHERE study_uid=?", (study_uid,))
+            retire_files()
+        return True

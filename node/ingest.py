@@ -1,0 +1,87 @@
+"""Group commit: many C-STORE threads, one writer that makes their instances durable together.
+
+Each association thread writes and fsyncs its own file (``StudyStore.write``), then hands the
+instance to this writer and waits. The writer takes everything queued meanwhile, fsyncs the
+touched folders once and indexes the batch in one SQLite commit, then releases the waiting
+threads, which only then answer success. Under load the folder fsyncs and the index commit are
+shared by several instances instead of paid by each.
+"""
+
+from __future__ import annotations
+
+import queue
+import sqlite3
+import threading
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+import structlog
+
+from node.index import IngestChange, Received, StudyIndex
+from node.store import StudyStore
+
+MAX_BATCH = 64
+
+
+class IngestWriter:
+    """Owns the thread that commits received instances to the index in batches."""
+
+    def __init__(self, store: StudyStore, index: StudyIndex) -> None:
+        self._store = store
+        self._index = index
+        self._queue: queue.Queue[tuple[Received, Future[IngestChange]] | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name="ingest-writer", daemon=True)
+        self._log = structlog.get_logger("pacsnode.ingest")
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def submit(self, item: Received) -> Future[IngestChange]:
+        future: Future[IngestChange] = Future()
+        self._queue.put((item, future))
+        return future
+
+    def _take_batch(self) -> tuple[list[tuple[Received, Future[IngestChange]]], bool]:
+        first = self._queue.get()
+        if first is None:
+            return [], True
+        batch = [first]
+        stopping = False
+        while len(batch) < MAX_BATCH:
+            try:
+                nxt = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is None:
+                stopping = True
+                break
+            batch.append(nxt)
+        return batch, stopping
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            batch, stopping = self._take_batch()
+            if not batch:
+                continue
+            folders: set[Path] = set()
+            for item, _ in batch:
+                folders.update(self._store.touched_dirs(item.absolute))
+            try:
+                self._store.sync_dirs(folders)
+                changes = self._index.record_instances([item for item, _ in batch], time.time())
+            except (OSError, sqlite3.Error) as exc:
+                self._fail(batch, exc)
+                continue
+            for (_, future), change in zip(batch, changes):
+                future.set_result(change)
+
+    def _fail(self, batch: list[tuple[Received, Future[IngestChange]]], exc: BaseException) -> None:
+        self._log.error("ingest batch failed", error=type(exc).__name__, detail=str(exc), count=len(batch))
+        for _, future in batch:
+            future.set_exception(exc)

@@ -1,0 +1,59 @@
+"""What crosses the broker between node and workers: references, never pixel data.
+
+Both directions are strict pydantic models so that a worker of another version fails loudly
+instead of misreading a field.
+"""
+
+from __future__ import annotations
+
+import enum
+
+from pydantic import BaseModel, ConfigDict, Field
+
+PROCESS_STUDY_TASK = "pacsnode.process_study"
+
+
+class JobState(str, enum.Enum):
+    PENDING = "pending"  # committed in the outbox, not yet published
+    QUEUED = "queued"  # published to the broker
+    PROCESSING = "processing"
+    DONE = "done"
+    FAILED = "failed"
+    NOT_APPLICABLE = "not_applicable"
+    SUPERSEDED = "superseded"  # a newer study version replaced it before it ran
+
+
+class SeriesRef(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    series_uid: str
+    modality: str
+    instances: list[str] = Field(description="paths relative to the study store")
+
+
+class DispatchMessage(BaseModel):
+    """Sent to the workers: process this version of this study with this pipeline."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job_id: str
+    study_uid: str
+    version: int = Field(ge=1)
+    pipeline: str
+    priority: str
+    series: list[SeriesRef]
+
+
+class ReportMessage(BaseModel):
+    """Sent by the workers to the node's report queue."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    job_id: str
+    state: JobState
+    reason: str = ""
+    attempt: int = Field(default=1, ge=1)
+    worker: str = ""
+    results: list[str] = Field(default_factory=list, description="result files, relative to the study store")
+    result_sop_uids: list[str] = Field(default_factory=list)
+    findings: dict[str, float] = Field(default_factory=dict)

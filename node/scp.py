@@ -1,0 +1,360 @@
+"""The DICOM front door: C-ECHO, C-STORE (every storage class, every transfer syntax) and MPPS.
+
+Handlers are bound to pynetdicom events and answer DICOM status codes. A C-STORE is answered
+success only after the instance's file is fsynced, renamed into the store, its folders fsynced
+and its index row committed (``node.ingest``). Anything that cannot be made durable is answered
+with an out-of-resources status; anything that cannot be understood with a failure status and
+is kept in quarantine. Nothing a peer sends can stop the server.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import sqlite3
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, replace
+from typing import Any
+
+import structlog
+from pydicom.dataset import Dataset
+from pynetdicom import AE, _config, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import (
+    ModalityPerformedProcedureStep,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from config.settings import NodeSettings
+from node.headers import InstanceKind, UnreadableDataset, read_header
+from node.index import IngestChange, Received, StudyIndex
+from node.ingest import IngestWriter
+from node.metrics import NodeMetrics
+from node.store import StoreOutcome, StudyStore
+from node.uids import InvalidUID, is_valid_uid
+
+SUCCESS = 0x0000
+OUT_OF_RESOURCES_DISK = 0xA700  # free space below the watermark
+OUT_OF_RESOURCES_WRITE = 0xA701  # the instance could not be made durable
+DATASET_MISMATCH = 0xA900  # dataset does not match the request's SOP class / instance
+CANNOT_UNDERSTAND = 0xC001  # the dataset does not parse
+INVALID_UID = 0xC002  # Study/Series/SOP Instance UID missing or malformed
+MPPS_PROCESSING_FAILURE = 0x0110
+INGEST_TIMEOUT_S = 60.0
+
+# A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
+REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # transient, service provider (presentation), local limit exceeded
+
+LOOPBACK_V4 = ipaddress.ip_network("127.0.0.0/8")
+LOOPBACK_V6 = ipaddress.ip_network("::1/128")
+
+
+@dataclass(frozen=True)
+class AccessPolicy:
+    """Who may open an association: loopback peers and the allow-listed (AE title, host) pairs."""
+
+    settings: NodeSettings
+
+    def allows(self, calling_ae: str, host: str) -> bool:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        if self.settings.allow_loopback and (address in LOOPBACK_V4 or address in LOOPBACK_V6):
+            return True
+        for rule in self.settings.allowed_peers:
+            if rule.ae_title not in ("*", calling_ae.strip()):
+                continue
+            if any(address in ipaddress.ip_network(net, strict=False) for net in rule.hosts):
+                return True
+        return False
+
+
+def _ignore_host(host: str) -> None:
+    """Default for ``NodeServer.on_refused``."""
+
+
+class NodeServer(ThreadedAssociationServer):
+    """pynetdicom's threaded server plus: TCP_NODELAY, a per-host connection cap, and a TLS
+    handshake done in the connection's own thread (pynetdicom does it in the accept loop, where
+    one stalled TLS peer would block every new connection)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.per_host_limit = 16
+        self.on_refused: Callable[[str], None] = _ignore_host
+
+    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+        assert self.socket is not None
+        client, address = self.socket.accept()
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        """Refuse a connection from a host that already holds its share of association slots.
+
+        Counted from pynetdicom's live association threads (idle, not yet associated
+        connections included), so slow-loris connections from one host cannot starve others.
+        """
+        host = str(client_address[0])
+        held = sum(1 for assoc in self.active_associations if assoc.requestor.address == host)
+        if held >= self.per_host_limit:
+            self.on_refused(host)
+            return False
+        return True
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        if isinstance(request, ssl.SSLSocket):
+            request.settimeout(self.ae.network_timeout)
+            try:
+                request.do_handshake()
+            except (ssl.SSLError, OSError):
+                self.on_refused(str(client_address[0]))
+                self.shutdown_request(request)
+                return
+        super().process_request_thread(request, client_address)
+
+
+class FreeSpaceGauge:
+    """Free bytes of the store, re-read at most once a second (statvfs on every C-STORE is waste)."""
+
+    def __init__(self, store: StudyStore, min_free_bytes: int) -> None:
+        self._store = store
+        self._min_free = min_free_bytes
+        self._checked_at = 0.0
+        self._ok = True
+        self._lock = threading.Lock()
+
+    def enough(self) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._checked_at >= 1.0:
+                self._ok = self._store.free_bytes() >= self._min_free
+                self._checked_at = now
+            return self._ok
+
+
+class StorageSCP:
+    """The event handlers of the node's AE."""
+
+    def __init__(
+        self, settings: NodeSettings, store: StudyStore, index: StudyIndex, writer: IngestWriter,
+        metrics: NodeMetrics,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.index = index
+        self.writer = writer
+        self.metrics = metrics
+        self.policy = AccessPolicy(settings)
+        self.free_space = FreeSpaceGauge(store, settings.min_free_disk_mb * 1024 * 1024)
+        self.log = structlog.get_logger("pacsnode.scp")
+
+    # --- association -------------------------------------------------------------------
+
+    def on_requested(self, event: Event) -> None:
+        """Reject callers that are not allowed before any negotiation happens."""
+        assoc = event.assoc
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        host = str(assoc.requestor.address)
+        if not self.policy.allows(calling, host):
+            self.metrics.rejects.labels(reason="calling_ae_or_host").inc()
+            self.log.warning("association rejected", reason="calling AE/host not allowed", calling_ae=calling,
+                             peer=host)
+            assoc.acse.send_reject(*REJECT_CALLING_AE)
+            assoc.kill()
+
+    def on_rejected(self, event: Event) -> None:
+        self.metrics.associations.labels(result="rejected").inc()
+
+    def on_established(self, event: Event) -> None:
+        self.metrics.associations.labels(result="accepted").inc()
+        self.metrics.active_associations.inc()
+
+    def on_closed(self, event: Event) -> None:
+        if event.assoc.is_established or event.assoc.is_released or event.assoc.is_aborted:
+            self.metrics.active_associations.dec()
+
+    def refused_connection(self, host: str) -> None:
+        self.metrics.rejects.labels(reason="per_host_limit_or_tls").inc()
+        self.log.warning("connection refused", reason="per-host limit or TLS handshake failed", peer=host)
+
+    # --- services ------------------------------------------------------------------------
+
+    def on_echo(self, event: Event) -> int:
+        return SUCCESS
+
+    def on_store(self, event: Event) -> int | tuple[int, Dataset]:
+        """Store one instance durably, exactly as received, and index it."""
+        encoded = event.encoded_dataset()
+        peer = str(event.assoc.requestor.ae_title).strip()
+        if not self.free_space.enough():
+            self.metrics.instances.labels(outcome="disk_full").inc()
+            self.log.error("store refused: free disk below watermark", peer=peer)
+            return OUT_OF_RESOURCES_DISK
+        try:
+            header = read_header(encoded, self.settings.uid_root, self.settings.manufacturer)
+        except UnreadableDataset as exc:
+            return self._refuse(encoded, CANNOT_UNDERSTAND, str(exc), peer)
+        except InvalidUID as exc:
+            return self._refuse(encoded, INVALID_UID, str(exc), peer)
+        request = event.request
+        if str(request.AffectedSOPInstanceUID) != header.key.sop_uid:
+            return self._refuse(encoded, DATASET_MISMATCH, "SOPInstanceUID differs from the request's", peer)
+        if str(request.AffectedSOPClassUID) != header.sop_class_uid:
+            return self._refuse(encoded, DATASET_MISMATCH, "SOPClassUID differs from the request's", peer)
+        kind = header.kind
+        if kind is InstanceKind.IMAGE and self.index.is_produced(header.key.sop_uid):
+            kind = InstanceKind.RESULT
+        try:
+            outcome, path = self.store.write(header.key, encoded)
+            if outcome is StoreOutcome.CONFLICT:
+                self.metrics.instances.labels(outcome="conflict").inc()
+                self.log.warning("conflicting re-send kept in quarantine", sop_uid=header.key.sop_uid,
+                                 study_uid=header.key.study_uid, peer=peer)
+                self.store.sync_dirs(set(self.store.touched_dirs(path)))
+                return SUCCESS
+            received = Received(
+                header=replace(header, kind=kind),
+                path=str(header.key.relative_path), size=len(encoded), absolute=path,
+            )
+            change = self.writer.submit(received).result(timeout=INGEST_TIMEOUT_S)
+        except (OSError, sqlite3.Error, FutureTimeout) as exc:
+            self.metrics.instances.labels(outcome="write_failed").inc()
+            self.log.error("store failed: not durable", error=type(exc).__name__, sop_uid=header.key.sop_uid,
+                           peer=peer)
+            return OUT_OF_RESOURCES_WRITE
+        if change is IngestChange.VANISHED:
+            self.metrics.instances.labels(outcome="write_failed").inc()
+            return OUT_OF_RESOURCES_WRITE
+        self.metrics.instances.labels(outcome=change.value if outcome is StoreOutcome.STORED else "duplicate").inc()
+        if change is IngestChange.NEW:
+            self.metrics.bytes.inc(len(encoded))
+        self.log.debug("stored", sop_uid=header.key.sop_uid, study_uid=header.key.study_uid, kind=kind.value,
+                       change=change.value)
+        return SUCCESS
+
+    def _refuse(self, encoded: bytes, status: int, reason: str, peer: str) -> int:
+        self.metrics.instances.labels(outcome="refused").inc()
+        try:
+            kept = self.store.quarantine_rejected(encoded, reason)
+            self.log.warning("store refused", status=hex(status), reason=reason, peer=peer, kept=kept.name)
+        except OSError as exc:
+            self.log.warning("store refused, not kept", status=hex(status), reason=reason, peer=peer,
+                             error=type(exc).__name__)
+        return status
+
+    def on_n_create(self, event: Event) -> tuple[int, Dataset | None]:
+        """MPPS IN PROGRESS: remember which study the procedure step belongs to."""
+        if event.request.AffectedSOPClassUID != ModalityPerformedProcedureStep:
+            return 0x0112, None  # no such SOP instance
+        uid = str(event.request.AffectedSOPInstanceUID or "")
+        attrs = event.attribute_list
+        study_uid = _mpps_study_uid(attrs)
+        if not is_valid_uid(uid) or study_uid is None:
+            return MPPS_PROCESSING_FAILURE, None
+        status = str(attrs.get("PerformedProcedureStepStatus", "IN PROGRESS"))
+        self.index.record_mpps(uid, study_uid, status, _mpps_expected(attrs), time.time())
+        return SUCCESS, attrs
+
+    def on_n_set(self, event: Event) -> tuple[int, Dataset | None]:
+        """MPPS COMPLETED: the listed images are what the study needs before it completes."""
+        if event.request.RequestedSOPClassUID != ModalityPerformedProcedureStep:
+            return 0x0112, None
+        uid = str(event.request.RequestedSOPInstanceUID or "")
+        if not is_valid_uid(uid):
+            return MPPS_PROCESSING_FAILURE, None
+        mods = event.modification_list
+        status = str(mods.get("PerformedProcedureStepStatus", "IN PROGRESS"))
+        self.index.record_mpps(uid, _mpps_study_uid(mods), status, _mpps_expected(mods), time.time())
+        self.log.info("mpps", mpps_uid=uid, status=status)
+        return SUCCESS, mods
+
+    def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
+        bound: list[tuple[Any, Callable[..., Any]]] = [
+            (evt.EVT_REQUESTED, self.on_requested),
+            (evt.EVT_REJECTED, self.on_rejected),
+            (evt.EVT_ESTABLISHED, self.on_established),
+            (evt.EVT_RELEASED, self.on_closed),
+            (evt.EVT_ABORTED, self.on_closed),
+            (evt.EVT_C_ECHO, self.on_echo),
+            (evt.EVT_C_STORE, self.on_store),
+        ]
+        if self.settings.mpps:
+            bound += [(evt.EVT_N_CREATE, self.on_n_create), (evt.EVT_N_SET, self.on_n_set)]
+        return bound
+
+
+def _mpps_study_uid(attrs: Dataset) -> str | None:
+    for item in attrs.get("ScheduledStepAttributesSequence", []):
+        uid = str(item.get("StudyInstanceUID", ""))
+        if is_valid_uid(uid):
+            return uid
+    return None
+
+
+def _mpps_expected(attrs: Dataset) -> list[str] | None:
+    if "PerformedSeriesSequence" not in attrs:
+        return None
+    return [
+        str(image.ReferencedSOPInstanceUID)
+        for series in attrs.PerformedSeriesSequence
+        for image in series.get("ReferencedImageSequence", [])
+        if is_valid_uid(str(image.get("ReferencedSOPInstanceUID", "")))
+    ]
+
+
+def tls_context(settings: NodeSettings) -> ssl.SSLContext | None:
+    tls = settings.tls
+    if not tls.enabled:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tls.ca_file) if tls.ca_file else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    context.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE
+    return context
+
+
+def build_ae(settings: NodeSettings) -> AE:
+    """An AE that accepts verification, MPPS and any storage SOP class in any transfer syntax."""
+    _config.UNRESTRICTED_STORAGE_SERVICE = True  # pynetdicom's switch: accept unknown/private storage classes
+    ae = AE(ae_title=settings.ae_title)
+    ae.require_called_aet = True
+    ae.maximum_associations = settings.max_associations
+    ae.acse_timeout = settings.acse_timeout_s
+    ae.dimse_timeout = settings.dimse_timeout_s
+    ae.network_timeout = settings.network_timeout_s
+    ae.maximum_pdu_size = settings.max_pdu_bytes
+    ae.add_supported_context(Verification)
+    if settings.mpps:
+        ae.add_supported_context(ModalityPerformedProcedureStep)
+    return ae
+
+
+def start_scp(settings: NodeSettings, scp: StorageSCP) -> NodeServer:
+    """Start listening (non-blocking); returns the server, whose ``shutdown()`` stops it."""
+    ae = build_ae(settings)
+    server = ae.make_server(
+        (settings.host, settings.port),
+        ae_title=settings.ae_title,
+        ssl_context=tls_context(settings),
+        evt_handlers=scp.handlers(),
+        server_class=NodeServer,
+    )
+    assert isinstance(server, NodeServer)
+    server.per_host_limit = settings.max_associations_per_host
+    server.on_refused = scp.refused_connection
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="dicom-server",
+                              daemon=True)
+    thread.start()
+    ae._servers.append(server)
+    return server

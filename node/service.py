@@ -1,0 +1,98 @@
+"""One running node: SCP, group-commit writer, assembler, dispatcher, report consumer,
+retention, HTTP health/metrics and (on embedded defaults) a worker process."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+from types import FrameType
+
+import structlog
+
+from config.settings import Settings
+from node.assembler import Assembler
+from node.dispatcher import Dispatcher
+from node.embedded_worker import EmbeddedWorker
+from node.http import start_http
+from node.index import StudyIndex
+from node.ingest import IngestWriter
+from node.metrics import NodeMetrics
+from node.reports import ReportConsumer
+from node.retention import apply_purge, plan_purge
+from node.scp import StorageSCP, start_scp
+from node.store import StudyStore
+
+
+class Node:
+    def __init__(self, settings: Settings, config_file: Path | None = None, with_worker: bool | None = None) -> None:
+        self.settings = settings
+        self.store = StudyStore(settings.node.store_path)
+        self.index = StudyIndex(settings.node.index_path)
+        self.metrics = NodeMetrics()
+        self.metrics.watch_index(self.index.counts_by_state)
+        self.writer = IngestWriter(self.store, self.index)
+        self.scp = StorageSCP(settings.node, self.store, self.index, self.writer, self.metrics)
+        self.assembler = Assembler(settings, self.index)
+        self.dispatcher = Dispatcher(settings, self.index, self.metrics)
+        self.reports = ReportConsumer(settings, self.index, self.metrics)
+        run_worker = settings.workers.embedded if with_worker is None else with_worker
+        self.worker = EmbeddedWorker(settings, config_file) if run_worker else None
+        self._stop = threading.Event()
+        self._retention = threading.Thread(target=self._retention_loop, name="retention", daemon=True)
+        self._log = structlog.get_logger("pacsnode.node")
+        self.dicom_port = settings.node.port
+        self.http_port: int | None = None
+
+    def start(self) -> None:
+        self.writer.start()
+        self.server = start_scp(self.settings.node, self.scp)
+        self.dicom_port = int(self.server.server_address[1])
+        if self.settings.http.enabled:
+            self.http = start_http(self.settings.http.host, self.settings.http.port, self.metrics, self.health)
+            self.http_port = int(self.http.server_address[1])
+        self.assembler.start()
+        self.dispatcher.start()
+        self.reports.start()
+        self._retention.start()
+        if self.worker is not None:
+            self.worker.start()
+        self._log.info("node started", ae_title=self.settings.node.ae_title, port=self.dicom_port,
+                       store=str(self.store.root), tls=self.settings.node.tls.enabled,
+                       broker="embedded" if self.settings.broker.url is None else "external")
+
+    def health(self) -> dict[str, object]:
+        free_ok = self.scp.free_space.enough()
+        return {"ok": free_ok, "disk_free_ok": free_ok, "studies": self.index.counts_by_state()}
+
+    def _retention_loop(self) -> None:
+        while not self._stop.wait(self.settings.retention.interval_s):
+            items = plan_purge(self.index, self.store, self.settings.retention, time.time())
+            if items:
+                purged, freed = apply_purge(self.index, self.store, items)
+                self._log.info("retention purge", studies=purged, bytes=freed)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.server.shutdown()
+        if self.worker is not None:
+            self.worker.stop()
+        self.assembler.stop()
+        self.dispatcher.stop()
+        self.reports.stop()
+        self.writer.stop()
+        if self.settings.http.enabled:
+            self.http.shutdown()
+        self._log.info("node stopped")
+
+    def run_forever(self) -> None:
+        """Serve until SIGINT or SIGTERM."""
+        def _on_signal(signum: int, frame: FrameType | None) -> None:
+            self._stop.set()
+
+        signal.signal(signal.SIGINT, _on_signal)
+        signal.signal(signal.SIGTERM, _on_signal)
+        self.start()
+        self._stop.wait()
+        self.stop()

@@ -1,0 +1,161 @@
+"""The study store: received instances as files, exactly as received, made durable before success.
+
+Layout: ``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``. Only values that
+pass the UID grammar become path parts, so no dataset can name a path outside the store.
+Writes go to a temp file in ``<root>/.incoming`` (same filesystem), are fsynced and renamed
+into place; the caller fsyncs the parent folders (batched, see ``sync_dirs``) before it answers
+success.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import secrets
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from node.uids import InvalidUID, is_valid_uid
+
+INCOMING = ".incoming"
+QUARANTINE = ".quarantine"
+
+
+class StoreOutcome(enum.Enum):
+    STORED = "stored"
+    DUPLICATE = "duplicate"  # identical bytes already stored: nothing changes
+    CONFLICT = "conflict"  # same SOP Instance UID, other bytes: kept aside in quarantine
+
+
+@dataclass(frozen=True)
+class InstanceKey:
+    """The three UIDs that place an instance; validated on construction."""
+
+    study_uid: str
+    series_uid: str
+    sop_uid: str
+
+    def __post_init__(self) -> None:
+        for keyword, value in (
+            ("StudyInstanceUID", self.study_uid),
+            ("SeriesInstanceUID", self.series_uid),
+            ("SOPInstanceUID", self.sop_uid),
+        ):
+            if not is_valid_uid(value):
+                raise InvalidUID(keyword, value)
+
+    @property
+    def relative_path(self) -> Path:
+        return Path(self.study_uid) / self.series_uid / f"{self.sop_uid}.dcm"
+
+
+class StudyStore:
+    """Files of the study store; knows nothing of the index."""
+
+    def __init__(self, root: Path, fsync: Callable[[int], None] = os.fsync) -> None:
+        """``fsync`` is injectable so tests can observe that durability precedes the answer."""
+        self.root = root
+        self._fsync = fsync
+        self.incoming = root / INCOMING
+        self.quarantine = root / QUARANTINE
+        for folder in (self.root, self.incoming, self.quarantine):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def path_of(self, key: InstanceKey) -> Path:
+        return self.root / key.relative_path
+
+    def resolve(self, relative: str | Path) -> Path:
+        """An absolute path for a store-relative one, refusing anything that leaves the store."""
+        candidate = (self.root / relative).resolve()
+        if not candidate.is_relative_to(self.root.resolve()):
+            raise ValueError(f"path leaves the study store: {relative}")
+        return candidate
+
+    def _write_temp(self, data: bytes) -> Path:
+        temp = self.incoming / f"{secrets.token_hex(8)}.part"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        try:
+            view = memoryview(data)
+            while view:
+                written = os.write(fd, view)
+                view = view[written:]
+            self._fsync(fd)
+        except BaseException:
+            os.close(fd)
+            temp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return temp
+
+    def write(self, key: InstanceKey, data: bytes) -> tuple[StoreOutcome, Path]:
+        """Store ``data`` durably (file fsynced, renamed); returns the outcome and the final path.
+
+        The folders touched still need ``sync_dirs`` before the instance counts as durable.
+        Raises OSError when the bytes cannot be made durable.
+        """
+        final = self.path_of(key)
+        if final.exists():
+            if final.stat().st_size == len(data) and final.read_bytes() == data:
+                return StoreOutcome.DUPLICATE, final
+            temp = self._write_temp(data)
+            aside = self.quarantine / "conflicts" / key.study_uid / f"{key.sop_uid}.{temp.stem}.dcm"
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temp, aside)
+            return StoreOutcome.CONFLICT, aside
+        temp = self._write_temp(data)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(temp, final)
+        return StoreOutcome.STORED, final
+
+    def quarantine_rejected(self, data: bytes, reason: str) -> Path:
+        """Keep a refused dataset for inspection: bad input is answered with a failure, not lost."""
+        temp = self._write_temp(data)
+        folder = self.quarantine / "rejected"
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{temp.stem}.dcm"
+        os.replace(temp, target)
+        target.with_suffix(".reason").write_text(reason + "\n")
+        return target
+
+    @staticmethod
+    def touched_dirs(path: Path) -> list[Path]:
+        """Folders whose entries a write to ``path`` created or changed (series, study, root)."""
+        return [path.parent, path.parent.parent, path.parent.parent.parent]
+
+    def sync_dirs(self, folders: set[Path]) -> None:
+        """fsync each folder once; called for a batch of writes (group commit)."""
+        for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                self._fsync(fd)
+            finally:
+                os.close(fd)
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.root).free
+
+    def usage(self) -> tuple[int, int]:
+        """(total, used) bytes of the filesystem holding the store."""
+        usage = shutil.disk_usage(self.root)
+        return usage.total, usage.used
+
+    def retire_study(self, study_uid: str) -> Path | None:
+        """Move a study's folder out of the store (atomic); ``delete_retired`` frees the space."""
+        if not is_valid_uid(study_uid):
+            raise InvalidUID("StudyInstanceUID", study_uid)
+        folder = self.root / study_uid
+        if not folder.exists():
+            return None
+        target = self.quarantine / "purged" / f"{study_uid}.{secrets.token_hex(4)}"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(folder, target)
+        return target
+
+    @staticmethod
+    def delete_retired(folder: Path) -> int:
+        """Delete a retired study folder; returns the bytes freed."""
+        freed = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        shutil.rmtree(folder, ignore_errors=True)
+        return freed

@@ -1,0 +1,39 @@
+"""The Celery app of the workers: stateless compute on the broker the node publishes to.
+
+GPU discipline (Celery's advice for long GPU tasks): late acknowledgement with reject on worker
+loss (prefork pool, one child process per GPU), prefetch 1, and nothing CUDA-related before
+the pool forks; all of that is in ``node.broker.make_celery``.
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from celery import Celery
+
+from config.settings import Settings
+from node.broker import connection, make_celery
+from node.messages import PROCESS_STUDY_TASK, DispatchMessage, JobState, ReportMessage
+from workers.reporting import publish_report
+from workers.study import StudyProcessor
+
+
+def create_app(settings: Settings) -> Celery:
+    """A Celery app whose one task processes a dispatched study version."""
+    app = make_celery(settings, name="pacsnode-worker")
+    processor = StudyProcessor(settings)
+    worker_name = socket.gethostname()
+
+    @app.task(name=PROCESS_STUDY_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
+    def process_study(task: Any, message: dict[str, Any]) -> str:
+        job = DispatchMessage.model_validate(message)
+        attempt = 1 + int(bool(task.request.delivery_info and task.request.delivery_info.get("redelivered")))
+        with connection(settings) as conn:
+            publish_report(conn, settings, ReportMessage(job_id=job.job_id, state=JobState.PROCESSING,
+                                                         attempt=attempt, worker=worker_name))
+            outcome = processor.process(job)
+            publish_report(conn, settings, outcome.model_copy(update={"attempt": attempt, "worker": worker_name}))
+        return outcome.state.value
+
+    return app

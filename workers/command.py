@@ -1,0 +1,46 @@
+"""``pacsnode worker``: a Celery worker for the pipelines' queues."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from config.settings import load_settings
+from node.broker import pipeline_queue
+
+
+def worker(
+    config: Annotated[Path | None, typer.Option(help="settings file (default: the shipped defaults)")] = None,
+    queues: Annotated[str | None, typer.Option(help="comma-separated pipelines to serve (default: all routed)")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (default: from the config)")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="worker processes; one per GPU")] = None,
+    name: Annotated[str | None, typer.Option(help="worker node name")] = None,
+) -> None:
+    """Run a worker: consumes dispatched studies, reports outcomes to the node over the broker."""
+    overrides: dict[str, object] = {}
+    if device is not None:
+        overrides["device"] = device
+    if concurrency is not None:
+        overrides["concurrency"] = concurrency
+    settings = load_settings(config, **({"workers": overrides} if overrides else {}))
+    from workers.app import create_app
+
+    pipelines = [q.strip() for q in queues.split(",")] if queues else sorted(
+        {rule.pipeline for rule in settings.routing.rules}
+    )
+    if not pipelines:
+        raise typer.BadParameter("no pipelines to serve: give --queues or routing rules", param_hint="--queues")
+    app = create_app(settings)
+    app.worker_main(argv=[
+        "worker",
+        "--pool=prefork",
+        f"--concurrency={settings.workers.concurrency}",
+        f"--queues={','.join(pipeline_queue(p) for p in pipelines)}",
+        f"--hostname={name or 'pacsnode@' + socket.gethostname()}",
+        "--loglevel=INFO",
+        "--without-mingle",
+        "--without-gossip",
+    ])
