@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
@@ -185,7 +185,7 @@ class AnyOf(Strict):
     any: list[Condition]
 
 
-Condition = Annotated[Union[AllOf, AnyOf, AttributeCondition], Field(union_mode="left_to_right")]
+Condition = Annotated[AllOf | AnyOf | AttributeCondition, Field(union_mode="left_to_right")]
 AllOf.model_rebuild()
 AnyOf.model_rebuild()
 

@@ -1,9 +1,10 @@
 """Study assembly: decides when a receiving study is complete and commits its dispatches.
 
 Complete means one of: the quiet period passed with no new image; every rule that matches the
-study declares an expectation and all are met; or a COMPLETED MPPS step lists images that have
-all arrived. Completion routes the study and commits its jobs to the outbox in the same
-transaction (``StudyIndex.complete_study``); publishing is the dispatcher's business.
+study declares an expectation and all are met; or COMPLETED MPPS steps list images that have
+all arrived, and no image arrived that they do not list. Completion routes the study and
+commits its jobs to the outbox in the same transaction (``StudyIndex.complete_study``);
+publishing is the dispatcher's business.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 import structlog
 
 from config.settings import Settings
+from node.headers import InstanceKind
 from node.index import PRIORITY_VALUE, JobSpec, StudyIndex, StudyRow, job_id_for
 from node.messages import DispatchMessage, SeriesRef
 from node.routing import Route, expectation_met, route
@@ -61,7 +63,11 @@ class Assembler:
         if routes and all(r.rule.expect is not None and expectation_met(r.rule.expect, r.series) for r in routes):
             return "routing expectation met"
         expected = self._index.mpps_expected(study.study_uid)
-        if expected and expected <= self._index.received_sop_uids(study.study_uid):
+        # Every listed instance arrived, and no image arrived that the completed steps do not
+        # list (a step still in progress, or images sent after the step ended, re-opening the
+        # study): those wait for the quiet period.
+        if (expected and expected <= self._index.received_sop_uids(study.study_uid)
+                and self._index.received_sop_uids(study.study_uid, InstanceKind.IMAGE) <= expected):
             return "mpps completed"
         return None
 

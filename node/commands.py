@@ -5,6 +5,7 @@ Heavy imports stay inside the functions so that ``pacsnode --help`` stays fast.
 
 from __future__ import annotations
 
+import socket
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -91,9 +92,12 @@ def status(
         raise typer.BadParameter(f"no index at {settings.node.index_path}", param_hint="--config")
     index = StudyIndex(settings.node.index_path)
     console = Console()
+    if not console.is_terminal:
+        console = Console(width=400)  # piped or redirected: one line per study, UIDs never cut
     counts = index.counts_by_state()
     console.print("Studies by state: " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"))
     table = Table("Study Instance UID", "v", "state", "images", "MB", "pipelines", "reason", "updated")
+    table.columns[0].overflow = "fold"  # a narrow terminal wraps a UID rather than truncating it
     for study in index.studies(state, limit):
         jobs = [j for j in index.jobs_of(study.study_uid) if j.version == study.version]
         table.add_row(study.study_uid, str(study.version), study.state, str(study.image_count),
@@ -112,6 +116,14 @@ def send(
     host, _, port_text = to.rpartition(":")
     if not host or not port_text.isdigit():
         raise typer.BadParameter("expected HOST:PORT", param_hint="--to")
+    if not 1 <= int(port_text) <= 65535:
+        raise typer.BadParameter(f"port {port_text} is not in 1-65535", param_hint="--to")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]  # [IPv6]:PORT
+    try:
+        socket.getaddrinfo(host, int(port_text), type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise typer.BadParameter(f"cannot resolve host {host!r}: {exc}", param_hint="--to") from exc
     from rich.progress import Progress
 
     from node.send import SendReport, scan, send_files
@@ -139,6 +151,8 @@ def purge(
     from node.retention import apply_purge, plan_purge
     from node.store import StudyStore
 
+    if not settings.node.index_path.exists():
+        raise typer.BadParameter(f"no index at {settings.node.index_path}", param_hint="--config")
     index = StudyIndex(settings.node.index_path)
     store = StudyStore(settings.node.store_path)
     items = plan_purge(index, store, settings.retention, time.time())

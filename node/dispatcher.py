@@ -15,12 +15,13 @@ import time
 import structlog
 from celery import Celery
 from kombu.exceptions import OperationalError
+from pydantic import ValidationError
 from redis.exceptions import RedisError
 
 from config.settings import Settings
 from node.broker import REDIS_PRIORITY, make_celery, pipeline_queue
 from node.index import PRIORITY_NAME, JobRow, StudyIndex
-from node.messages import PROCESS_STUDY_TASK, DispatchMessage
+from node.messages import PROCESS_STUDY_TASK, DispatchMessage, JobState, ReportMessage
 from node.metrics import NodeMetrics
 
 BROKER_ERRORS = (OperationalError, RedisError, ConnectionError, OSError, TimeoutError)
@@ -61,7 +62,17 @@ class Dispatcher:
         """Publish every pending job (urgent first); raises a broker error if the broker is down."""
         published = 0
         for job in self._index.pending_jobs():
-            self._publish(job)
+            try:
+                message = DispatchMessage.model_validate_json(job.payload)
+            except ValidationError as exc:
+                # Written by another version of the node: it can never be published as is, and
+                # left pending it would block every job behind it. It fails, visibly, alone.
+                reason = f"dispatch payload unreadable by this node version ({exc.error_count()} errors)"
+                self._index.apply_report(ReportMessage(job_id=job.job_id, state=JobState.FAILED, reason=reason),
+                                         time.time())
+                self._log.error("dispatch failed", job_id=job.job_id, reason=reason)
+                continue
+            self._publish(job, message)
             self._index.mark_published(job.job_id, time.time())
             self._metrics.dispatches.labels(pipeline=job.pipeline).inc()
             self._log.info("dispatched", job_id=job.job_id, pipeline=job.pipeline,
@@ -69,8 +80,7 @@ class Dispatcher:
             published += 1
         return published
 
-    def _publish(self, job: JobRow) -> None:
-        message = DispatchMessage.model_validate_json(job.payload)
+    def _publish(self, job: JobRow, message: DispatchMessage) -> None:
         self._app.send_task(
             PROCESS_STUDY_TASK,
             kwargs={"message": message.model_dump(mode="json")},

@@ -9,10 +9,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from io import BytesIO
+from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
 
 from node.store import InstanceKey
 
@@ -72,6 +72,16 @@ def _text(ds: Dataset, keyword: str) -> str:
     return str(value).strip()
 
 
+def _integer(value: Any) -> int:
+    """An integer attribute (IS, US, UL, SS, SL: all within 32 bits) for the index. Larger values
+    (a 20-digit IS, a UV) are invalid for these attributes and would not fit SQLite's INTEGER:
+    binding one raised OverflowError in the ingest writer's thread and killed it."""
+    number = int(value)
+    if not -(2**31) <= number < 2**32:
+        raise ValueError("integer attribute out of range")
+    return number
+
+
 def _number(ds: Dataset, keyword: str) -> float | None:
     value = ds.get(keyword)
     if value is None or value == "":
@@ -113,7 +123,7 @@ def read_header(encoded: bytes, uid_root: str, manufacturer: str) -> InstanceHea
         series_uid = ds.get("SeriesInstanceUID")
         sop_uid = ds.get("SOPInstanceUID")
         kind = classify(ds, uid_root, manufacturer)
-        attributes = {
+        attributes: dict[str, Any] = {
             "sop_class_uid": _text(ds, "SOPClassUID"),
             "transfer_syntax_uid": str(ds.file_meta.get("TransferSyntaxUID", "")),
             "modality": _text(ds, "Modality"),
@@ -121,13 +131,15 @@ def read_header(encoded: bytes, uid_root: str, manufacturer: str) -> InstanceHea
             "image_type": _text(ds, "ImageType"),
             "series_description": _text(ds, "SeriesDescription"),
             "study_description": _text(ds, "StudyDescription"),
-            "series_number": int(ds.SeriesNumber) if ds.get("SeriesNumber") not in (None, "") else None,
-            "rows": int(ds.Rows) if "Rows" in ds else None,
-            "columns": int(ds.Columns) if "Columns" in ds else None,
+            "series_number": _integer(ds.SeriesNumber) if ds.get("SeriesNumber") not in (None, "") else None,
+            "rows": _integer(ds.Rows) if "Rows" in ds else None,
+            "columns": _integer(ds.Columns) if "Columns" in ds else None,
             "slice_thickness": _number(ds, "SliceThickness"),
             "study_date": _text(ds, "StudyDate"),
         }
-    except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+    except Exception as exc:  # hostile bytes: any parser error means "does not parse"
+        # Not only InvalidDicomError/ValueError & co.: a corrupt deflate stream raises zlib.error,
+        # an unknown VR NotImplementedError, deep nesting RecursionError, a short read struct.error.
         raise UnreadableDataset(f"dataset does not parse: {type(exc).__name__}") from exc
     key = InstanceKey(
         study_uid=str(study_uid) if study_uid is not None else "",

@@ -14,7 +14,7 @@ from node.metrics import NodeMetrics
 
 def _handler(metrics: NodeMetrics, health: Callable[[], dict[str, object]]) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        def do_GET(self) -> None:
             if self.path == "/metrics":
                 body, ctype, code = generate_latest(metrics.registry), CONTENT_TYPE_LATEST, 200
             elif self.path in ("/health", "/healthz"):
@@ -29,7 +29,7 @@ def _handler(metrics: NodeMetrics, health: Callable[[], dict[str, object]]) -> t
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - silence per-request logs
+        def log_message(self, format: str, *args: object) -> None:
             return
 
     return Handler

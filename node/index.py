@@ -259,7 +259,7 @@ class StudyIndex:
             return IngestChange.VANISHED
         is_image = header.kind is InstanceKind.IMAGE
         study = conn.execute(
-            "SELECT version, state FROM studies WHERE study_uid=?", (key.study_uid,)
+            "SELECT version, state, image_count FROM studies WHERE study_uid=?", (key.study_uid,)
         ).fetchone()
         if study is None:
             version = 1
@@ -272,7 +272,14 @@ class StudyIndex:
             )
         else:
             version = int(study["version"])
-            if is_image and study["state"] != StudyState.RECEIVING.value:
+            if is_image and study["state"] != StudyState.RECEIVING.value and not study["image_count"]:
+                # Known so far only from non-image objects (a KO or report sent ahead of the
+                # images): nothing was ever assembled or dispatched, so this opens version 1.
+                conn.execute(
+                    "UPDATE studies SET state=?, reason='' WHERE study_uid=?",
+                    (StudyState.RECEIVING.value, key.study_uid),
+                )
+            elif is_image and study["state"] != StudyState.RECEIVING.value:
                 version += 1
                 conn.execute(
                     "UPDATE jobs SET state=?, reason=?, updated_at=? WHERE study_uid=? AND state=?",
@@ -338,8 +345,11 @@ class StudyIndex:
         )
         return [str(row["path"]) for row in rows]
 
-    def received_sop_uids(self, study_uid: str) -> set[str]:
-        rows = self._read("SELECT sop_uid FROM instances WHERE study_uid=?", (study_uid,))
+    def received_sop_uids(self, study_uid: str, kind: InstanceKind | None = None) -> set[str]:
+        if kind is None:
+            rows = self._read("SELECT sop_uid FROM instances WHERE study_uid=?", (study_uid,))
+        else:
+            rows = self._read("SELECT sop_uid FROM instances WHERE study_uid=? AND kind=?", (study_uid, kind.value))
         return {str(row["sop_uid"]) for row in rows}
 
     def complete_study(self, study_uid: str, version: int, jobs: list[JobSpec], now: float) -> bool:

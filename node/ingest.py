@@ -10,7 +10,6 @@ shared by several instances instead of paid by each.
 from __future__ import annotations
 
 import queue
-import sqlite3
 import threading
 import time
 from concurrent.futures import Future
@@ -75,7 +74,9 @@ class IngestWriter:
             try:
                 self._store.sync_dirs(folders)
                 changes = self._index.record_instances([item for item, _ in batch], time.time())
-            except (OSError, sqlite3.Error) as exc:
+            except Exception as exc:  # noqa: BLE001 - not only OSError / sqlite3.Error: this thread must survive
+                # anything one batch raises (e.g. OverflowError binding a value), or every later
+                # C-STORE waits for a writer that is gone and the node can no longer store.
                 self._fail(batch, exc)
                 continue
             for (_, future), change in zip(batch, changes):

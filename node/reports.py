@@ -55,12 +55,18 @@ class ReportConsumer:
     def _consume(self, conn: Connection) -> None:
         conn.ensure_connection(max_retries=1)
         with Consumer(conn, queues=[report_queue(self._settings)], callbacks=[self._on_message],
-                      accept=["json"], prefetch_count=50):
+                      accept=["json"], prefetch_count=50, on_decode_error=self._on_decode_error):
             while not self._stop.is_set():
                 try:
                     conn.drain_events(timeout=0.5)
                 except TimeoutError:
                     continue
+
+    def _on_decode_error(self, message: Message, exc: Exception) -> None:
+        """Not JSON, or not a content type we accept: drop it (kombu's default would raise out of
+        ``drain_events`` and end this thread, leaving every later report unapplied)."""
+        self._log.error("undecodable report dropped", content_type=message.content_type, error=type(exc).__name__)
+        message.reject()
 
     def _on_message(self, body: Any, message: Message) -> None:
         try:

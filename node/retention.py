@@ -55,8 +55,13 @@ def apply_purge(index: StudyIndex, store: StudyStore, items: list[PurgeItem]) ->
     purged = freed = 0
     for item in items:
         retired: list[Path] = []
-        if index.forget_study(item.study_uid, item.updated_at,
-                              lambda uid=item.study_uid: retired.extend(filter(None, [store.retire_study(uid)]))):
+
+        def retire(study_uid: str = item.study_uid, into: list[Path] = retired) -> None:
+            folder = store.retire_study(study_uid)
+            if folder is not None:
+                into.append(folder)
+
+        if index.forget_study(item.study_uid, item.updated_at, retire):
             purged += 1
             freed += sum(store.delete_retired(folder) for folder in retired)
     return purged, freed

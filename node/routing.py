@@ -92,9 +92,8 @@ def route(rules: list[RoutingRule], series: list[SeriesRow]) -> list[Route]:
 
 def expectation_met(expectation: Expectation, series: list[SeriesRow]) -> bool:
     """True when the study already holds everything the rule says it needs."""
-    if expectation.min_instances is not None:
-        if sum(s.instance_count for s in series) < expectation.min_instances:
-            return False
+    if expectation.min_instances is not None and sum(s.instance_count for s in series) < expectation.min_instances:
+        return False
     return all(
         any(re.search(pattern, s.series_description) for s in series)
         for pattern in expectation.series_descriptions

@@ -18,13 +18,14 @@ import time
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
-from pynetdicom.events import Event
-from pynetdicom.sop_class import (
+from pynetdicom.dimse_primitives import C_STORE, N_CREATE, N_SET
+from pynetdicom.events import Event, EventHandlerType
+from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at import time
     ModalityPerformedProcedureStep,
     Verification,
 )
@@ -50,6 +51,10 @@ INGEST_TIMEOUT_S = 60.0
 # A-ASSOCIATE-RJ (result, source, diagnostic), PS3.8 9.3.4
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service user, calling AE title not recognised
 REJECT_LOCAL_LIMIT = (0x02, 0x03, 0x02)  # transient, service provider (presentation), local limit exceeded
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service user, called AE title not recognised
+PYNETDICOM_REJECT_REASONS: dict[tuple[int | None, ...], str] = {
+    REJECT_CALLED_AE: "called_ae", REJECT_LOCAL_LIMIT: "max_associations",
+}
 
 LOOPBACK_V4 = ipaddress.ip_network("127.0.0.0/8")
 LOOPBACK_V6 = ipaddress.ip_network("::1/128")
@@ -63,9 +68,11 @@ class AccessPolicy:
 
     def allows(self, calling_ae: str, host: str) -> bool:
         try:
-            address = ipaddress.ip_address(host)
+            address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.ip_address(host)
         except ValueError:
             return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # an IPv4 peer of a dual-stack ("::") listener
         if self.settings.allow_loopback and (address in LOOPBACK_V4 or address in LOOPBACK_V6):
             return True
         for rule in self.settings.allowed_peers:
@@ -80,6 +87,12 @@ def _ignore_host(host: str) -> None:
     """Default for ``NodeServer.on_refused``."""
 
 
+def _connection_of(assoc: Any) -> Any:
+    """The accepted socket an acceptor Association runs on (None once closed)."""
+    transport = assoc.dul.socket
+    return transport.socket if transport is not None else None
+
+
 class NodeServer(ThreadedAssociationServer):
     """pynetdicom's threaded server plus: TCP_NODELAY, a per-host connection cap, and a TLS
     handshake done in the connection's own thread (pynetdicom does it in the accept loop, where
@@ -89,11 +102,20 @@ class NodeServer(ThreadedAssociationServer):
         super().__init__(*args, **kwargs)
         self.per_host_limit = 16
         self.on_refused: Callable[[str], None] = _ignore_host
+        # Connections accepted whose Association thread is not running yet (thread start, TLS
+        # handshake), per host: they hold a slot too, or a burst of connections (or of stalled
+        # TLS handshakes) would pass the cap before any of them shows up as an association.
+        self._starting: dict[str, set[Any]] = {}  # host -> accepted sockets
+        self._starting_lock = threading.Lock()
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
         client, address = self.socket.accept()
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # accept() hands out a blocking socket: without a timeout, a peer that stops halfway
+        # through a PDU (or its header) holds the association thread forever, because
+        # pynetdicom's reads block until the announced length arrived.
+        client.settimeout(self.ae.network_timeout)
         if self.ssl_context:
             client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
         return client, address
@@ -102,25 +124,51 @@ class NodeServer(ThreadedAssociationServer):
         """Refuse a connection from a host that already holds its share of association slots.
 
         Counted from pynetdicom's live association threads (idle, not yet associated
-        connections included), so slow-loris connections from one host cannot starve others.
+        connections included) plus the connections still starting (each counted once), so
+        slow-loris connections from one host cannot starve others.
         """
         host = str(client_address[0])
-        held = sum(1 for assoc in self.active_associations if assoc.requestor.address == host)
-        if held >= self.per_host_limit:
-            self.on_refused(host)
-            return False
-        return True
+        with self._starting_lock:
+            starting = self._starting.get(host, set())
+            live = sum(
+                1 for assoc in self.active_associations
+                if assoc.requestor.address == host and _connection_of(assoc) not in starting
+            )
+            if len(starting) + live < self.per_host_limit:
+                self._starting.setdefault(host, set()).add(request)
+                return True
+        self.on_refused(host)
+        return False
+
+    def _started(self, request: Any, client_address: Any) -> None:
+        """The connection's Association thread runs (or never will): it now counts as itself."""
+        host = str(client_address[0])
+        with self._starting_lock:
+            starting = self._starting.get(host, set())
+            starting.discard(request)
+            if not starting:
+                self._starting.pop(host, None)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._started(request, client_address)  # no thread: the slot is not held
+            raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        if isinstance(request, ssl.SSLSocket):
-            request.settimeout(self.ae.network_timeout)
-            try:
-                request.do_handshake()
-            except (ssl.SSLError, OSError):
-                self.on_refused(str(client_address[0]))
-                self.shutdown_request(request)
-                return
-        super().process_request_thread(request, client_address)
+        try:
+            if isinstance(request, ssl.SSLSocket):
+                request.settimeout(self.ae.network_timeout)
+                try:
+                    request.do_handshake()
+                except (ssl.SSLError, OSError):
+                    self.on_refused(str(client_address[0]))
+                    self.shutdown_request(request)
+                    return
+            super().process_request_thread(request, client_address)  # starts the Association thread
+        finally:
+            self._started(request, client_address)
 
 
 class FreeSpaceGauge:
@@ -163,17 +211,23 @@ class StorageSCP:
     def on_requested(self, event: Event) -> None:
         """Reject callers that are not allowed before any negotiation happens."""
         assoc = event.assoc
-        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        request = assoc.requestor.primitive
+        calling = str(request.calling_ae_title).strip() if request is not None else ""
         host = str(assoc.requestor.address)
         if not self.policy.allows(calling, host):
             self.metrics.rejects.labels(reason="calling_ae_or_host").inc()
             self.log.warning("association rejected", reason="calling AE/host not allowed", calling_ae=calling,
                              peer=host)
             assoc.acse.send_reject(*REJECT_CALLING_AE)
+            self.metrics.associations.labels(result="rejected").inc()  # pynetdicom fires no EVT_REJECTED here
             assoc.kill()
 
     def on_rejected(self, event: Event) -> None:
+        """Rejections by pynetdicom's own checks (called AE title, association limit)."""
         self.metrics.associations.labels(result="rejected").inc()
+        rj = event.assoc.acceptor.primitive
+        diagnosis = (rj.result, rj.result_source, rj.diagnostic) if rj is not None else ()
+        self.metrics.rejects.labels(reason=PYNETDICOM_REJECT_REASONS.get(diagnosis, "other")).inc()
 
     def on_established(self, event: Event) -> None:
         self.metrics.associations.labels(result="accepted").inc()
@@ -206,7 +260,7 @@ class StorageSCP:
             return self._refuse(encoded, CANNOT_UNDERSTAND, str(exc), peer)
         except InvalidUID as exc:
             return self._refuse(encoded, INVALID_UID, str(exc), peer)
-        request = event.request
+        request = cast(C_STORE, event.request)
         if str(request.AffectedSOPInstanceUID) != header.key.sop_uid:
             return self._refuse(encoded, DATASET_MISMATCH, "SOPInstanceUID differs from the request's", peer)
         if str(request.AffectedSOPClassUID) != header.sop_class_uid:
@@ -254,9 +308,10 @@ class StorageSCP:
 
     def on_n_create(self, event: Event) -> tuple[int, Dataset | None]:
         """MPPS IN PROGRESS: remember which study the procedure step belongs to."""
-        if event.request.AffectedSOPClassUID != ModalityPerformedProcedureStep:
+        request = cast(N_CREATE, event.request)
+        if request.AffectedSOPClassUID != ModalityPerformedProcedureStep:
             return 0x0112, None  # no such SOP instance
-        uid = str(event.request.AffectedSOPInstanceUID or "")
+        uid = str(request.AffectedSOPInstanceUID or "")
         attrs = event.attribute_list
         study_uid = _mpps_study_uid(attrs)
         if not is_valid_uid(uid) or study_uid is None:
@@ -267,9 +322,10 @@ class StorageSCP:
 
     def on_n_set(self, event: Event) -> tuple[int, Dataset | None]:
         """MPPS COMPLETED: the listed images are what the study needs before it completes."""
-        if event.request.RequestedSOPClassUID != ModalityPerformedProcedureStep:
+        request = cast(N_SET, event.request)
+        if request.RequestedSOPClassUID != ModalityPerformedProcedureStep:
             return 0x0112, None
-        uid = str(event.request.RequestedSOPInstanceUID or "")
+        uid = str(request.RequestedSOPInstanceUID or "")
         if not is_valid_uid(uid):
             return MPPS_PROCESSING_FAILURE, None
         mods = event.modification_list
@@ -278,8 +334,8 @@ class StorageSCP:
         self.log.info("mpps", mpps_uid=uid, status=status)
         return SUCCESS, mods
 
-    def handlers(self) -> list[tuple[Any, Callable[..., Any]]]:
-        bound: list[tuple[Any, Callable[..., Any]]] = [
+    def handlers(self) -> list[EventHandlerType]:
+        bound: list[EventHandlerType] = [
             (evt.EVT_REQUESTED, self.on_requested),
             (evt.EVT_REJECTED, self.on_rejected),
             (evt.EVT_ESTABLISHED, self.on_established),

@@ -14,7 +14,6 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 from pynetdicom import AE
-from pynetdicom.presentation import build_context
 
 MAX_CONTEXTS = 128
 
@@ -75,7 +74,7 @@ def send_files(
         ae = AE(ae_title=calling_ae)
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
         for pair in sorted({(o.sop_class, o.transfer_syntax) for o in batch}):
-            ae.add_requested_context(build_context(pair[0], [pair[1]]))
+            ae.add_requested_context(pair[0], [pair[1]])
         assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)  # type: ignore[arg-type]
         if not assoc.is_established:
             for item in batch:

@@ -13,6 +13,7 @@ import enum
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,7 @@ class StudyStore:
         """``fsync`` is injectable so tests can observe that durability precedes the answer."""
         self.root = root
         self._fsync = fsync
+        self._placing = threading.Lock()
         self.incoming = root / INCOMING
         self.quarantine = root / QUARANTINE
         for folder in (self.root, self.incoming, self.quarantine):
@@ -96,18 +98,31 @@ class StudyStore:
         Raises OSError when the bytes cannot be made durable.
         """
         final = self.path_of(key)
-        if final.exists():
-            if final.stat().st_size == len(data) and final.read_bytes() == data:
-                return StoreOutcome.DUPLICATE, final
-            temp = self._write_temp(data)
-            aside = self.quarantine / "conflicts" / key.study_uid / f"{key.sop_uid}.{temp.stem}.dcm"
-            aside.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(temp, aside)
-            return StoreOutcome.CONFLICT, aside
-        temp = self._write_temp(data)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(temp, final)
+        if self._holds(final, data):
+            return StoreOutcome.DUPLICATE, final
+        temp = self._write_temp(data)  # the slow part (fsync) runs outside the lock
+        # Check and rename under one lock: of two concurrent writes of one SOP Instance UID, the
+        # later one must find the earlier in place, never replace an instance already answered.
+        with self._placing:
+            if final.exists():
+                if self._holds(final, data):
+                    temp.unlink()
+                    return StoreOutcome.DUPLICATE, final
+                aside = self.quarantine / "conflicts" / key.study_uid / f"{key.sop_uid}.{temp.stem}.dcm"
+                aside.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(temp, aside)
+                return StoreOutcome.CONFLICT, aside
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(temp, final)
         return StoreOutcome.STORED, final
+
+    @staticmethod
+    def _holds(path: Path, data: bytes) -> bool:
+        """True when ``path`` is a file with exactly ``data``."""
+        try:
+            return path.stat().st_size == len(data) and path.read_bytes() == data
+        except FileNotFoundError:
+            return False
 
     def quarantine_rejected(self, data: bytes, reason: str) -> Path:
         """Keep a refused dataset for inspection: bad input is answered with a failure, not lost."""

@@ -11,6 +11,7 @@ import socket
 from typing import Any
 
 from celery import Celery
+from pydantic import ValidationError
 
 from config.settings import Settings
 from node.broker import connection, make_celery
@@ -27,12 +28,31 @@ def create_app(settings: Settings) -> Celery:
 
     @app.task(name=PROCESS_STUDY_TASK, bind=True, acks_late=True, reject_on_worker_lost=True)
     def process_study(task: Any, message: dict[str, Any]) -> str:
-        job = DispatchMessage.model_validate(message)
         attempt = 1 + int(bool(task.request.delivery_info and task.request.delivery_info.get("redelivered")))
+        try:
+            job = DispatchMessage.model_validate(message)
+        except ValidationError as exc:
+            # Another version's message: fail the job where the node can see it, instead of
+            # leaving its study queued forever.
+            job_id = message.get("job_id") if isinstance(message, dict) else None
+            if not isinstance(job_id, str) or not job_id:
+                raise
+            with connection(settings) as conn:
+                publish_report(conn, settings, ReportMessage(
+                    job_id=job_id, state=JobState.FAILED, attempt=attempt, worker=worker_name,
+                    reason=f"dispatch message not readable by this worker ({exc.error_count()} errors)"))
+            return JobState.FAILED.value
         with connection(settings) as conn:
             publish_report(conn, settings, ReportMessage(job_id=job.job_id, state=JobState.PROCESSING,
                                                          attempt=attempt, worker=worker_name))
-            outcome = processor.process(job)
+            try:
+                outcome = processor.process(job)
+            except Exception as exc:
+                # Reported before Celery records the failure: the job must not stay "processing".
+                publish_report(conn, settings, ReportMessage(
+                    job_id=job.job_id, state=JobState.FAILED, attempt=attempt, worker=worker_name,
+                    reason=f"worker error: {type(exc).__name__}: {exc}"[:500]))
+                raise
             publish_report(conn, settings, outcome.model_copy(update={"attempt": attempt, "worker": worker_name}))
         return outcome.state.value
 

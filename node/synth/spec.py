@@ -6,8 +6,10 @@ kinds) without importing numpy or highdicom.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Literal, get_args
+from types import MappingProxyType
+from typing import Literal, cast, get_args
 
 Kind = Literal["cxr", "ct-head", "mr-brain"]
 
@@ -25,11 +27,13 @@ CT_FINDINGS: tuple[str, ...] = (
 )
 MR_FINDINGS: tuple[str, ...] = ("metastasis",)
 
-FINDINGS: dict[Kind, tuple[str, ...]] = {
-    "cxr": CXR_FINDINGS,
-    "ct-head": CT_FINDINGS,
-    "mr-brain": MR_FINDINGS,
-}
+FINDINGS: Mapping[Kind, tuple[str, ...]] = MappingProxyType(
+    {
+        "cxr": CXR_FINDINGS,
+        "ct-head": CT_FINDINGS,
+        "mr-brain": MR_FINDINGS,
+    }
+)
 
 
 def parse_kinds(text: str | list[str] | tuple[str, ...]) -> tuple[Kind, ...]:
@@ -46,7 +50,7 @@ def parse_kinds(text: str | list[str] | tuple[str, ...]) -> tuple[Kind, ...]:
             continue
         if name not in KINDS:
             raise ValueError(f"unknown kind {raw.strip()!r}; allowed kinds: {', '.join(KINDS)}")
-        kind: Kind = name  # type: ignore[assignment]  # narrowed by the membership test above
+        kind = cast(Kind, name)  # narrowed by the membership test above
         if kind not in kinds:
             kinds.append(kind)
     if not kinds:
@@ -115,7 +119,9 @@ class Difficulty:
 
     def as_dict(self) -> dict[str, object]:
         """Plain JSON-able form for the manifest."""
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()}
+        return {
+            key: list(value) if isinstance(value, tuple) else value for key, value in asdict(self).items()
+        }
 
 
 DIFFICULTY_PRESETS: tuple[str, ...] = ("easy", "standard", "hard")

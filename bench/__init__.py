@@ -1,0 +1,1 @@
+"""Benchmarks of pacsnode (run each as ``python -m bench.<name>``; see bench/README.md)."""
