@@ -9,6 +9,7 @@ publishing is the dispatcher's business.
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 
@@ -39,7 +40,10 @@ class Assembler:
 
     def _run(self) -> None:
         while not self._stop.wait(self._poll_s):
-            self.tick(time.time())
+            try:
+                self.tick(time.time())
+            except sqlite3.Error as exc:  # a locked or full index: try again on the next tick
+                self._log.error("assembly tick failed", error=type(exc).__name__, detail=str(exc))
 
     def tick(self, now: float) -> int:
         """Complete every study that is due; returns how many were completed."""

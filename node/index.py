@@ -119,6 +119,7 @@ class IngestChange(enum.Enum):
     NEW = "new"  # a new instance was indexed
     KNOWN = "known"  # already indexed: nothing changed
     VANISHED = "vanished"  # its file was purged before it was indexed: the peer must resend
+    MISPLACED = "misplaced"  # its SOP Instance UID is indexed under another study/series
 
 
 @dataclass(frozen=True)
@@ -253,8 +254,9 @@ class StudyIndex:
     def _record_one(self, conn: sqlite3.Connection, item: Received, now: float) -> IngestChange:
         header = item.header
         key = header.key
-        if conn.execute("SELECT 1 FROM instances WHERE sop_uid=?", (key.sop_uid,)).fetchone():
-            return IngestChange.KNOWN
+        known = conn.execute("SELECT path FROM instances WHERE sop_uid=?", (key.sop_uid,)).fetchone()
+        if known is not None:
+            return IngestChange.KNOWN if known["path"] == item.path else IngestChange.MISPLACED
         if not item.absolute.exists():
             return IngestChange.VANISHED
         is_image = header.kind is InstanceKind.IMAGE

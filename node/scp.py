@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, cast
 
 import structlog
@@ -36,7 +37,7 @@ from node.headers import InstanceKind, UnreadableDataset, read_header
 from node.index import IngestChange, Received, StudyIndex
 from node.ingest import IngestWriter
 from node.metrics import NodeMetrics
-from node.store import StoreOutcome, StudyStore
+from node.store import InstanceKey, StoreOutcome, StudyStore
 from node.uids import InvalidUID, is_valid_uid
 
 SUCCESS = 0x0000
@@ -271,11 +272,7 @@ class StorageSCP:
         try:
             outcome, path = self.store.write(header.key, encoded)
             if outcome is StoreOutcome.CONFLICT:
-                self.metrics.instances.labels(outcome="conflict").inc()
-                self.log.warning("conflicting re-send kept in quarantine", sop_uid=header.key.sop_uid,
-                                 study_uid=header.key.study_uid, peer=peer)
-                self.store.sync_dirs(set(self.store.touched_dirs(path)))
-                return SUCCESS
+                return self._kept_aside(path, header.key, peer)
             received = Received(
                 header=replace(header, kind=kind),
                 path=str(header.key.relative_path), size=len(encoded), absolute=path,
@@ -289,11 +286,27 @@ class StorageSCP:
         if change is IngestChange.VANISHED:
             self.metrics.instances.labels(outcome="write_failed").inc()
             return OUT_OF_RESOURCES_WRITE
+        if change is IngestChange.MISPLACED and outcome is StoreOutcome.STORED:
+            try:
+                return self._kept_aside(self.store.set_aside(path, header.key), header.key, peer)
+            except OSError as exc:
+                self.log.error("store failed: conflict not set aside", error=type(exc).__name__,
+                               sop_uid=header.key.sop_uid, peer=peer)
+                return OUT_OF_RESOURCES_WRITE
         self.metrics.instances.labels(outcome=change.value if outcome is StoreOutcome.STORED else "duplicate").inc()
         if change is IngestChange.NEW:
             self.metrics.bytes.inc(len(encoded))
         self.log.debug("stored", sop_uid=header.key.sop_uid, study_uid=header.key.study_uid, kind=kind.value,
                        change=change.value)
+        return SUCCESS
+
+    def _kept_aside(self, aside: Path, key: InstanceKey, peer: str) -> int:
+        """A re-send that conflicts with the indexed instance (other bytes, or another study or
+        series): the original stays, the copy is kept durably in quarantine, the peer is told success."""
+        self.metrics.instances.labels(outcome="conflict").inc()
+        self.log.warning("conflicting re-send kept in quarantine", sop_uid=key.sop_uid, study_uid=key.study_uid,
+                         peer=peer)
+        self.store.sync_dirs(set(self.store.touched_dirs(aside)))
         return SUCCESS
 
     def _refuse(self, encoded: bytes, status: int, reason: str, peer: str) -> int:

@@ -4,6 +4,7 @@ retention, HTTP health/metrics and (on embedded defaults) a worker process."""
 from __future__ import annotations
 
 import signal
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -68,10 +69,13 @@ class Node:
 
     def _retention_loop(self) -> None:
         while not self._stop.wait(self.settings.retention.interval_s):
-            items = plan_purge(self.index, self.store, self.settings.retention, time.time())
-            if items:
-                purged, freed = apply_purge(self.index, self.store, items)
-                self._log.info("retention purge", studies=purged, bytes=freed)
+            try:
+                items = plan_purge(self.index, self.store, self.settings.retention, time.time())
+                if items:
+                    purged, freed = apply_purge(self.index, self.store, items)
+                    self._log.info("retention purge", studies=purged, bytes=freed)
+            except (OSError, sqlite3.Error) as exc:  # retried at the next interval
+                self._log.error("retention purge failed", error=type(exc).__name__, detail=str(exc))
 
     def stop(self) -> None:
         self._stop.set()

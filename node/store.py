@@ -108,13 +108,17 @@ class StudyStore:
                 if self._holds(final, data):
                     temp.unlink()
                     return StoreOutcome.DUPLICATE, final
-                aside = self.quarantine / "conflicts" / key.study_uid / f"{key.sop_uid}.{temp.stem}.dcm"
-                aside.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(temp, aside)
-                return StoreOutcome.CONFLICT, aside
+                return StoreOutcome.CONFLICT, self.set_aside(temp, key)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(temp, final)
         return StoreOutcome.STORED, final
+
+    def set_aside(self, path: Path, key: InstanceKey) -> Path:
+        """Move a conflicting copy of an instance into quarantine (same filesystem: a rename)."""
+        aside = self.quarantine / "conflicts" / key.study_uid / f"{key.sop_uid}.{secrets.token_hex(4)}.dcm"
+        aside.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, aside)
+        return aside
 
     @staticmethod
     def _holds(path: Path, data: bytes) -> bool:

@@ -256,10 +256,6 @@ def test_different_dataset_with_same_sop_instance_uid_goes_to_quarantine(node: N
     assert not list(node.store.incoming.iterdir()), "a temp file was left behind"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the store detects conflicts by path only and StudyIndex reports KNOWN without saying where: an "
-    "instance re-sent under another Study/Series UID is placed in the store as an unindexed orphan "
-    "and answered success (needs StudyIndex to report the indexed path; see report)"))
 def test_same_sop_instance_uid_under_another_study_goes_to_quarantine(node: Node, tmp_path: Path) -> None:
     source = PYDICOM_TEST_FILES / "CT_small.dcm"
     assert store_raw(node.dicom_port, source) == 0x0000
