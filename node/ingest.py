@@ -10,6 +10,7 @@ shared by several instances instead of paid by each.
 from __future__ import annotations
 
 import queue
+import sqlite3
 import threading
 import time
 from concurrent.futures import Future
@@ -21,6 +22,9 @@ from node.index import IngestChange, Received, StudyIndex
 from node.store import StudyStore
 
 MAX_BATCH = 64
+# What indexing a batch can raise: I/O and SQLite errors, and values SQLite cannot bind
+# (OverflowError for an integer beyond 64 bits, ValueError/TypeError for odd types).
+INGEST_ERRORS = (OSError, sqlite3.Error, OverflowError, ValueError, TypeError)
 
 
 class IngestWriter:
@@ -74,9 +78,9 @@ class IngestWriter:
             try:
                 self._store.sync_dirs(folders)
                 changes = self._index.record_instances([item for item, _ in batch], time.time())
-            except Exception as exc:  # noqa: BLE001 - not only OSError / sqlite3.Error: this thread must survive
-                # anything one batch raises (e.g. OverflowError binding a value), or every later
-                # C-STORE waits for a writer that is gone and the node can no longer store.
+            except INGEST_ERRORS as exc:
+                # This thread must survive what one batch raises, or every later C-STORE waits
+                # for a writer that is gone and the node can no longer store.
                 self._fail(batch, exc)
                 continue
             for (_, future), change in zip(batch, changes):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-import sqlite3
 import ssl
 import threading
 import time
@@ -35,7 +34,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from config.settings import NodeSettings
 from node.headers import InstanceKind, UnreadableDataset, read_header
 from node.index import IngestChange, Received, StudyIndex
-from node.ingest import IngestWriter
+from node.ingest import INGEST_ERRORS, IngestWriter
 from node.metrics import NodeMetrics
 from node.store import InstanceKey, StoreOutcome, StudyStore
 from node.uids import InvalidUID, is_valid_uid
@@ -278,7 +277,7 @@ class StorageSCP:
                 path=str(header.key.relative_path), size=len(encoded), absolute=path,
             )
             change = self.writer.submit(received).result(timeout=INGEST_TIMEOUT_S)
-        except (OSError, sqlite3.Error, FutureTimeout) as exc:
+        except (*INGEST_ERRORS, FutureTimeout) as exc:
             self.metrics.instances.labels(outcome="write_failed").inc()
             self.log.error("store failed: not durable", error=type(exc).__name__, sop_uid=header.key.sop_uid,
                            peer=peer)
