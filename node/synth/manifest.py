@@ -92,8 +92,9 @@ class StudyRecord:
     def positive(self) -> bool:
         return bool(self.labels["any"])
 
-    def row(self) -> dict[str, str]:
-        row = {
+    def _identity(self) -> dict[str, str]:
+        """The columns that name the study; shared by the CSV row and the manifest entry."""
+        return {
             "study_uid": self.study_uid,
             "patient_id": self.patient_id,
             "kind": self.kind,
@@ -102,6 +103,11 @@ class StudyRecord:
             "study_date": self.study_date,
             "patient_sex": self.patient_sex,
             "patient_age": self.patient_age,
+        }
+
+    def row(self) -> dict[str, str]:
+        row = {
+            **self._identity(),
             "n_instances": str(len(self.instances)),
             "seg_path": self.seg_path or "",
             "lesion_count": str(len(self.lesions)),
@@ -113,14 +119,7 @@ class StudyRecord:
 
     def as_dict(self) -> dict[str, object]:
         return {
-            "study_uid": self.study_uid,
-            "patient_id": self.patient_id,
-            "kind": self.kind,
-            "modality": self.modality,
-            "series_uid": self.series_uid,
-            "study_date": self.study_date,
-            "patient_sex": self.patient_sex,
-            "patient_age": self.patient_age,
+            **self._identity(),
             "n_instances": len(self.instances),
             "instances": list(self.instances),
             "seg_path": self.seg_path,
