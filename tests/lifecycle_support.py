@@ -14,13 +14,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import dicom_factory as f
 import redis
+from conftest import wait_until
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
 
 from config.settings import Settings
 from node.index import StudyIndex, StudyRow
+from node.service import Node
 
 CLI = [sys.executable, "-c", "from node.cli import main; main()"]
 
@@ -150,3 +153,12 @@ def mpps_completed(images: list[Dataset]) -> Dataset:
         entry.ReferencedImageSequence.append(ref)
     ds.PerformedSeriesSequence = list(series.values())
     return ds
+
+
+def queued_chest_study(node: Node, folder: Path) -> str:
+    """Send one phantom chest radiograph and wait until its job is published; returns its study UID."""
+    chest = f.cxr()
+    uid = str(chest[0].StudyInstanceUID)
+    f.send(chest, folder, node.dicom_port)
+    assert wait_until(lambda: state_of(node.index, uid) == "queued", timeout=10)
+    return uid

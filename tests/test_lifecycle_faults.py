@@ -15,7 +15,7 @@ import pytest
 import redis
 from conftest import free_port, make_settings, wait_until
 from kombu import Producer
-from lifecycle_support import queued_task_ids, state_of, study, worker_process
+from lifecycle_support import queued_chest_study, queued_task_ids, state_of, study, worker_process
 
 from node.broker import connection, report_queue
 from node.messages import JobState, ReportMessage
@@ -27,10 +27,7 @@ def test_an_undecodable_report_does_not_stop_the_report_consumer(
     start_node, clean_redis: str, tmp_path: Path
 ) -> None:
     node = start_node(broker={"url": clean_redis})
-    chest = f.cxr()
-    uid = chest[0].StudyInstanceUID
-    f.send(chest, tmp_path / "in", node.dicom_port)
-    assert wait_until(lambda: state_of(node.index, uid) == "queued", timeout=10)
+    uid = queued_chest_study(node, tmp_path / "in")
     (job,) = node.index.jobs_of(uid)
     queue = report_queue(node.settings)
     with connection(node.settings) as conn:
@@ -101,10 +98,7 @@ def test_a_dispatch_the_worker_cannot_process_ends_failed_not_stuck(
     tamper: Callable[[dict[str, Any]], None], reason: str, start_node, clean_redis: str, tmp_path: Path
 ) -> None:
     node = start_node(broker={"url": clean_redis})
-    chest = f.cxr()
-    uid = chest[0].StudyInstanceUID
-    f.send(chest, tmp_path / "in", node.dicom_port)
-    assert wait_until(lambda: state_of(node.index, uid) == "queued", timeout=10)
+    uid = queued_chest_study(node, tmp_path / "in")
     # Change the message while it waits in the broker, before any worker runs.
     client = redis.Redis.from_url(clean_redis)
     key = "pacsnode.cxr-abnormality:9"
