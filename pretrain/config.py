@@ -63,7 +63,7 @@ class RunConfig(_Strict):
     batch_size: int = Field(64, ge=2, description="Per rank.")
     epochs: int = Field(100, ge=1)
     max_steps: int | None = Field(None, ge=1, description="Stop after this many steps (the schedule still spans the epochs).")
-    loader_workers: int = Field(4, ge=0)
+    loader_workers: int = Field(6, ge=0)
     checkpoint_every: int = Field(500, ge=1)
     log_every: int = Field(10, ge=1)
     amp: Literal["none", "bf16", "fp16"] = "bf16"

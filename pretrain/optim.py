@@ -29,26 +29,30 @@ class LARS(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        """One update for all parameters of a group at once (foreach ops: few kernels on a GPU)."""
         loss = closure() if closure is not None else None
         for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                grad = param.grad
-                if group["weight_decay"]:
-                    grad = grad.add(param, alpha=group["weight_decay"])
-                if group["lars"]:
-                    w_norm, g_norm = torch.norm(param), torch.norm(grad)
-                    trust = group["eta"] * w_norm / g_norm
-                    scale = torch.where((w_norm > 0) & (g_norm > 0), torch.clamp(trust / group["lr"], max=1.0),
-                                        torch.ones_like(w_norm))
-                    grad = grad * scale
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            if group["weight_decay"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+            if group["lars"]:
+                w_norms = torch.stack(torch._foreach_norm(params))
+                g_norms = torch.stack(torch._foreach_norm(grads))
+                trust = torch.clamp(group["eta"] * w_norms / g_norms / group["lr"], max=1.0)
+                scale = torch.where((w_norms > 0) & (g_norms > 0), trust, torch.ones_like(trust))
+                grads = torch._foreach_mul(grads, list(scale.unbind()))
+            buffers = []
+            for param, grad in zip(params, grads, strict=True):
                 state = self.state[param]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = grad.clone()
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
-                param.add_(state["momentum_buffer"], alpha=-group["lr"])
+                    state["momentum_buffer"] = torch.zeros_like(param)
+                buffers.append(state["momentum_buffer"])
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, grads)
+            torch._foreach_add_(params, buffers, alpha=-group["lr"])
         return loss
 
 

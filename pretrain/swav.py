@@ -67,12 +67,12 @@ def swapped_prediction_loss(
     """
     if len(codes) != len(assign_crops) or len(scores) < 2:
         raise ValueError("need one code per assignment crop and at least two crops")
+    log_probs = [F.log_softmax(view_scores.float() / temperature, dim=1) for view_scores in scores]
     total = scores[0].new_zeros(())
     for code, crop in zip(codes, assign_crops, strict=True):
         subloss = scores[0].new_zeros(())
-        for view, view_scores in enumerate(scores):
+        for view, log_p in enumerate(log_probs):
             if view != crop:
-                log_p = F.log_softmax(view_scores.float() / temperature, dim=1)
                 subloss = subloss - torch.mean(torch.sum(code * log_p, dim=1))
         total = total + subloss / (len(scores) - 1)
     return total / len(assign_crops)

@@ -52,21 +52,6 @@ def test_resume_refuses_another_model_recipe(tmp_path: Path) -> None:
         train(shards, recipe(model={"prototypes": 30}), tmp_path / "run", CPU, progress=False)
 
 
-def test_loss_falls_and_the_encoder_exports(tmp_path: Path) -> None:
-    shards = blob_shards(tmp_path / "shards")
-    config = recipe(run={"epochs": 6}, supervised={"labels": ["disc_right"], "weight": 0.5})
-    result = train(shards, config, tmp_path / "run", CPU, progress=False)
-    assert result.steps == 36
-    early, late = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
-    assert late < 0.9 * early, (early, late)
-    card = export_encoder(tmp_path / "run", tmp_path / "encoder")
-    assert card.steps == 36 and card.encoder.arch == "resnet18" and card.training_data["images"] == 48
-    encoder, loaded = load_encoder(tmp_path / "encoder", expect=config.model.encoder)
-    assert loaded.sha256 == card.sha256
-    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)["model"]
-    torch.testing.assert_close(encoder.state_dict()["stem.0.weight"], state["encoder.stem.0.weight"])
-
-
 def test_exported_encoder_refuses_tampering_and_other_specs(tmp_path: Path) -> None:
     shards = blob_shards(tmp_path / "shards", images=16)
     train(shards, recipe(run={"max_steps": 1}), tmp_path / "run", CPU, progress=False)
