@@ -37,13 +37,13 @@ class LARS(torch.optim.Optimizer):
                 continue
             grads = [p.grad for p in params]
             if group["weight_decay"]:
-                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
+                grads = list(torch._foreach_add(grads, params, alpha=group["weight_decay"]))
             if group["lars"]:
                 w_norms = torch.stack(torch._foreach_norm(params))
                 g_norms = torch.stack(torch._foreach_norm(grads))
                 trust = torch.clamp(group["eta"] * w_norms / g_norms / group["lr"], max=1.0)
                 scale = torch.where((w_norms > 0) & (g_norms > 0), trust, torch.ones_like(trust))
-                grads = torch._foreach_mul(grads, list(scale.unbind()))
+                grads = list(torch._foreach_mul(grads, list(scale.unbind())))
             buffers = []
             for param, grad in zip(params, grads, strict=True):
                 state = self.state[param]
