@@ -62,7 +62,10 @@ class Trainer:
             supervised_outputs=len(config.supervised.labels) if config.supervised.weight > 0 else 0,
         ).to(runtime.device)
         if run.sync_batchnorm and runtime.distributed:
-            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            if runtime.device.type == "cpu":
+                log.warning("run.sync_batchnorm ignored: PyTorch's SyncBatchNorm needs GPUs, batch norm stays per rank")
+            else:
+                self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.ddp: torch.nn.Module = (
             DistributedDataParallel(self.model, device_ids=[runtime.device] if runtime.device.type == "cuda" else None)
             if runtime.distributed else self.model
