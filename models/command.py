@@ -1,0 +1,168 @@
+"""``pacsnode finetune`` and ``pacsnode models list|show|register``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+models_app = typer.Typer(help="The model registry: list, show and register model versions.", no_args_is_help=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    Console(stderr=True).print(f"[red]error:[/] {message}")
+    return typer.Exit(2)
+
+
+def _models_dir(config: Path | None, override: Path | None) -> Path:
+    if override is not None:
+        return override
+    from config.settings import load_settings
+
+    return load_settings(config).workers.models_dir
+
+
+def finetune(
+    task: Annotated[str, typer.Option(help="cxr-abnormality, ct-hemorrhage or mr-metastasis.")],
+    data: Annotated[Path, typer.Option(help="Folder of DICOM studies.")],
+    labels: Annotated[Path, typer.Option(help="CSV of study labels (study_uid + finding columns; seg_path for SEG).")],
+    init: Annotated[str, typer.Option(help="'scratch' or an exported encoder folder.")] = "scratch",
+    regime: Annotated[str, typer.Option(help="supervised or hybrid (supervised + SwAV loss).")] = "supervised",
+    slice_labels: Annotated[Path | None, typer.Option(help="Per-slice labels CSV (sop_uid + columns).")] = None,
+    label_fraction: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Train on this share of the labelled training studies.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Folder for the model (default: runs/finetune/<task>).")] = None,
+    register: Annotated[bool, typer.Option(help="Register the model in the registry afterwards.")] = True,
+    name: Annotated[str | None, typer.Option(help="Model name (default: the task name = its pipeline).")] = None,
+    steps: Annotated[int, typer.Option(min=1)] = 300,
+    size: Annotated[int, typer.Option(min=16, help="Input size (letterboxed square).")] = 128,
+    arch: Annotated[str, typer.Option(help="resnet18, resnet50 or densenet121 (must match --init's encoder).")] = "resnet18",
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    seed: Annotated[int, typer.Option()] = 0,
+    config: Annotated[Path | None, typer.Option("--config", help="pacsnode settings (for models_dir).")] = None,
+    models_dir: Annotated[Path | None, typer.Option(help="Registry folder (overrides the settings).")] = None,
+) -> None:
+    """Finetune a task model from scratch or from a pretrained encoder, then register it."""
+    from models.dataset import collect_studies, patient_split, subsample
+    from models.finetune import FinetuneConfig, build_data, initial_encoder, save_model
+    from models.finetune import finetune as run
+    from models.preprocess import InputSpec
+    from models.registry import next_version
+    from models.registry import register as add
+    from models.tasks import task_spec
+
+    try:
+        spec = task_spec(task)
+        settings = FinetuneConfig(regime=regime, steps=steps, size=size, arch=arch, device=device, seed=seed)
+        encoder, source = initial_encoder(init, settings)
+        items = collect_studies(data, labels, modality=spec.modalities, slice_labels=slice_labels)
+    except (ValueError, ValidationError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from None
+    splits = patient_split(items, seed=seed)
+    train_items = subsample(splits["train"], fraction=label_fraction, seed=seed) if label_fraction else splits["train"]
+    input_spec = InputSpec(size=size, channels=settings.channels)
+    console = Console()
+    console.print(f"{task}: {len(train_items)} training, {len(splits['val'])} validation, "
+                  f"{len(splits['test'])} test studies (patient-level split); init {init}, {regime}")
+    train_data = build_data(spec, train_items, input_spec)
+    val_data = build_data(spec, splits["val"], input_spec)
+    result = run(spec, train_data, val_data, settings, encoder=encoder)
+    root = _models_dir(config, models_dir)
+    model_name = name or spec.name
+    version = next_version(root, model_name)
+    target = out or Path("runs/finetune") / f"{model_name}-{version}"
+    training: dict[str, Any] = {
+        "data": str(data), "studies": {k: len(v) for k, v in splits.items()} | {"train_used": len(train_items)},
+        "label_fraction": label_fraction, "regime": regime, "patient_split": "60/20/20 by patient, seed " + str(seed),
+        "skipped": train_data.skipped,
+    }
+    card = save_model(target, spec, result, settings, name=model_name, version=version, training=training,
+                      encoder_source=source)
+    console.print(f"validation {card.validation['metric']} {result.best_metric:.3f} at step {result.best_step} "
+                  f"of {result.steps_run}; model in {target}")
+    if register:
+        console.print(f"registered {card.name}@{card.version} at {add(root, target)}")
+
+
+@models_app.command("list")
+def list_cmd(
+    config: Annotated[Path | None, typer.Option("--config")] = None,
+    models_dir: Annotated[Path | None, typer.Option()] = None,
+) -> None:
+    """Registered model versions."""
+    from models.registry import list_models
+
+    table = Table("name", "version", "task", "validation", "device UID", "created")
+    for card in list_models(_models_dir(config, models_dir)):
+        value = card.validation.get("value")
+        table.add_row(card.name, card.version, card.task,
+                      f"{card.validation.get('metric', '')} {value:.3f}" if isinstance(value, float) else "",
+                      card.device_uid, card.created)
+    Console().print(table)
+
+
+@models_app.command("show")
+def show_cmd(
+    ref: Annotated[str, typer.Argument(help="NAME or NAME@VERSION.")],
+    config: Annotated[Path | None, typer.Option("--config")] = None,
+    models_dir: Annotated[Path | None, typer.Option()] = None,
+) -> None:
+    """A model version's card."""
+    from models.registry import resolve, verify
+
+    try:
+        card = verify(resolve(_models_dir(config, models_dir), ref))
+    except (LookupError, ValueError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from None
+    typer.echo(yaml.safe_dump(card.model_dump(mode="json"), sort_keys=False))
+
+
+@models_app.command("register")
+def register_cmd(
+    folder: Annotated[Path, typer.Argument(help="A model folder (model.safetensors + card.yaml).")],
+    config: Annotated[Path | None, typer.Option("--config")] = None,
+    models_dir: Annotated[Path | None, typer.Option()] = None,
+) -> None:
+    """Copy a model folder into the registry under its card's name and version."""
+    from models.registry import register
+
+    try:
+        target = register(_models_dir(config, models_dir), folder)
+    except (ValueError, FileNotFoundError, FileExistsError) as exc:
+        raise _fail(str(exc)) from None
+    Console().print(f"registered at {target}")
+
+
+def evaluate(
+    model: Annotated[str, typer.Option(help="NAME or NAME@VERSION from the registry.")],
+    data: Annotated[Path, typer.Option(help="Folder of DICOM studies to evaluate on.")],
+    labels: Annotated[Path, typer.Option(help="CSV of study labels (study_uid + finding columns; seg_path).")],
+    out: Annotated[Path, typer.Option(help="Folder for results.json, report.md and the plots.")],
+    slice_labels: Annotated[Path | None, typer.Option(help="Per-slice labels CSV.")] = None,
+    robustness: Annotated[bool, typer.Option(help="Also measure under rotation, zoom, intensity and gamma.")] = True,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    config: Annotated[Path | None, typer.Option("--config", help="pacsnode settings (for models_dir).")] = None,
+    models_dir: Annotated[Path | None, typer.Option()] = None,
+) -> None:
+    """AUC with confidence intervals, sensitivity/specificity at the card's thresholds, Dice and lesion
+    detection, and robustness curves, written as JSON, Markdown and PNG plots."""
+    import torch
+
+    from models.dataset import collect_studies
+    from models.evaluate import evaluate as run
+    from models.evaluate import headline, write_evaluation
+    from models.registry import load_model, resolve
+
+    try:
+        network, card = load_model(resolve(_models_dir(config, models_dir), model))
+        items = collect_studies(data, labels, modality=card.applies_to.modalities, slice_labels=slice_labels)
+    except (LookupError, ValueError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from None
+    result, plots = run(network, card, items, robustness=robustness, device=torch.device(device))
+    written = write_evaluation(out, result, plots)
+    Console().print(f"{card.name}@{card.version} on {len(items)} studies: headline {headline(card, result):.3f}; "
+                    f"wrote {', '.join(p.name for p in written.values())} to {out}")

@@ -1,0 +1,378 @@
+"""Finetuning a task model on labelled studies, from scratch or from a pretrained encoder.
+
+Every arm of a comparison runs this same code with the same augmentations, step budget and
+schedule; only ``init`` (scratch or an exported encoder) and ``regime`` differ. ``hybrid`` adds the
+SwAV loss on multi-crop views of the same batch's images to the supervised loss, as in the paper.
+
+Inputs are cached once as stored images (``pretrain.decode.prepare_image``: the pretraining and
+inference path) and turned into network input by ``augment.eval_view``; training augmentation is
+a random rotation/zoom/intensity/gamma through ``augment.perturb``, the same for all arms.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import save_file
+from torch import nn
+
+from models.card import WEIGHTS, AppliesTo, ModelCard, OutputSpec, new_device_uid, write_card
+from models.dataset import StudyItem, read_seg_masks
+from models.metrics import dice, roc_auc, youden_threshold
+from models.networks import Classifier, UNet
+from models.preprocess import InputSpec, mask_input
+from models.tasks import TaskSpec
+from pretrain.augment import AugmentConfig, CropSpec, MultiCrop, eval_view, perturb
+from pretrain.backbones import Encoder, EncoderSpec
+from pretrain.config import OptimConfig
+from pretrain.decode import PixelDataError, prepare_image
+from pretrain.export import load_encoder, sha256_of
+from pretrain.model import SwAVHead, encode_crops
+from pretrain.optim import learning_rate
+from pretrain.shards import Encoding, decode_hu, decode_unit
+from pretrain.swav import SwAVLoss
+
+
+class FinetuneConfig(BaseModel):
+    """One finetuning run's recipe (the experiment fixes it across arms)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    regime: Literal["supervised", "hybrid"] = "supervised"
+    arch: Literal["resnet18", "resnet50", "densenet121"] = "resnet18"
+    size: int = Field(128, ge=16)
+    channels: int = Field(1, ge=1)
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    encoder_lr_scale: float = Field(1.0, gt=0, description="Encoder learning rate relative to the heads")
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup_steps: int = Field(20, ge=0)
+    eval_every: int = Field(25, ge=1)
+    patience: int = Field(6, ge=1, description="Evaluations without improvement before stopping early")
+    hybrid_weight: float = Field(0.5, ge=0)
+    hybrid_prototypes: int = Field(100, ge=2)
+    rotation_deg: float = 15.0
+    scale_jitter: tuple[float, float] = (0.9, 1.1)
+    intensity_jitter: float = 0.1
+    seed: int = 0
+    device: str = "cpu"
+    amp: Literal["none", "bf16", "fp16"] = "bf16"
+
+
+@dataclass
+class TaskData:
+    """Cached samples of one split: stored images, their encodings, targets and study membership."""
+
+    images: torch.Tensor  # (N, S, S) uint16 stored encoding
+    encodings: list[Encoding]
+    targets: torch.Tensor  # (N, K) float for classification; (N, S, S) uint8 masks for segmentation
+    study_of: list[int]
+    studies: list[StudyItem]
+    study_targets: torch.Tensor  # (studies, K)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.encodings)
+
+
+def build_data(task: TaskSpec, items: Sequence[StudyItem], spec: InputSpec) -> TaskData:
+    """Decode each study's slices once; slices that cannot be decoded are skipped and counted."""
+    images: list[np.ndarray] = []
+    encodings: list[Encoding] = []
+    targets: list[Any] = []
+    study_of: list[int] = []
+    study_targets = []
+    skipped: dict[str, int] = {}
+    outputs = task.outputs
+    for number, item in enumerate(items):
+        masks = read_seg_masks(item) if task.kind == "segmentation" and item.seg_path else {}
+        slices = item.slices if task.kind != "classification" else item.slices[:1]
+        for ref in slices:
+            try:
+                stored, encoding = prepare_image(ref.path, ref.frame, spec.size)
+            except PixelDataError as exc:
+                skipped[exc.reason] = skipped.get(exc.reason, 0) + 1
+                continue
+            images.append(stored)
+            encodings.append(encoding)
+            study_of.append(number)
+            if task.kind == "segmentation":
+                mask = masks.get(ref.sop_uid)
+                if mask is None:
+                    targets.append(torch.zeros(spec.size, spec.size, dtype=torch.uint8))
+                else:
+                    targets.append(mask_input(mask, ref.path, spec))
+            elif task.kind == "slice-classification":
+                labels = item.slice_labels.get(ref.sop_uid, {})
+                targets.append([float(labels.get(name, 0.0)) for name in outputs])
+            else:
+                targets.append([float(item.labels.get(name, 0.0)) for name in outputs])
+        study_targets.append([float(item.labels.get(name, 0.0)) for name in outputs])
+    if not images:
+        raise ValueError(f"no decodable images for task {task.name} ({skipped or 'no studies'})")
+    target_tensor = (torch.stack(targets) if task.kind == "segmentation"
+                     else torch.tensor(targets, dtype=torch.float32))
+    return TaskData(torch.from_numpy(np.stack(images).astype(np.int32)).to(torch.int32), encodings,
+                    target_tensor, study_of, list(items), torch.tensor(study_targets), skipped)
+
+
+def network_input(stored: torch.Tensor, encoding: Encoding, spec: InputSpec) -> torch.Tensor:
+    """Stored image -> network input (C, S, S): the one mapping shared with evaluation and inference."""
+    pixels = stored.numpy().astype(np.uint16)
+    decoded = decode_hu(pixels) if encoding == "hu" else decode_unit(pixels)
+    return eval_view(torch.from_numpy(decoded), encoding, spec.size, spec.channels, spec.windows)
+
+
+def batch_inputs(data: TaskData, indices: Sequence[int], spec: InputSpec) -> torch.Tensor:
+    return torch.stack([network_input(data.images[i], data.encodings[i], spec) for i in indices])
+
+
+def build_network(task: TaskSpec, encoder: Encoder) -> nn.Module:
+    if task.kind == "segmentation":
+        return UNet(encoder, out_channels=1)
+    return Classifier(encoder, len(task.outputs))
+
+
+@torch.no_grad()
+def predict(network: nn.Module, data: TaskData, spec: InputSpec, device: torch.device, batch: int = 32,
+            transform: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """Per-sample probabilities: (N, K) for classifiers, (N, S, S) for segmentation."""
+    network.eval()
+    out = []
+    for start in range(0, len(data), batch):
+        inputs = batch_inputs(data, range(start, min(start + batch, len(data))), spec)
+        if transform is not None:
+            inputs = transform(inputs)
+        logits = network(inputs.to(device)).float()
+        out.append(torch.sigmoid(logits[:, 0] if logits.ndim == 4 else logits).cpu())
+    return torch.cat(out)
+
+
+def study_scores(task: TaskSpec, data: TaskData, probs: torch.Tensor) -> torch.Tensor:
+    """Study-level scores (studies, K): slices aggregated by their maximum, which keeps the driving slice."""
+    if task.kind == "classification":
+        return probs
+    if task.kind == "slice-classification":
+        scores = torch.zeros(len(data.studies), probs.shape[1])
+        for sample, study in enumerate(data.study_of):
+            scores[study] = torch.maximum(scores[study], probs[sample])
+        return scores
+    raise ValueError("segmentation has no study scores")
+
+
+def validation_metric(task: TaskSpec, data: TaskData, probs: torch.Tensor) -> float:
+    """Mean AUC over outputs with both classes present (classification), mean Dice (segmentation)."""
+    if task.kind == "segmentation":
+        per_study: dict[int, list[int]] = {}
+        for sample, study in enumerate(data.study_of):
+            per_study.setdefault(study, []).append(sample)
+        values = [dice((probs[s] >= 0.5).numpy(), data.targets[s].numpy().astype(bool))
+                  for s in per_study.values()]
+        return float(np.mean(values))
+    scores = study_scores(task, data, probs).numpy()
+    truth = data.study_targets.numpy()
+    aucs = [roc_auc(truth[:, k], scores[:, k]) for k in range(truth.shape[1])
+            if 0 < truth[:, k].sum() < len(truth)]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+@dataclass
+class FinetuneResult:
+    network: nn.Module
+    best_metric: float
+    best_step: int
+    steps_run: int
+    curve: list[tuple[int, float]]
+    thresholds: dict[str, float]
+    seconds: float
+    losses: list[float] = field(default_factory=list)
+
+
+def _augment(inputs: torch.Tensor, masks: torch.Tensor | None, config: FinetuneConfig,
+             generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+    out_images, out_masks = [], []
+    for i in range(inputs.shape[0]):
+        u = torch.rand(4, generator=generator).tolist()
+        angle = (2 * u[0] - 1) * config.rotation_deg
+        scale = config.scale_jitter[0] + u[1] * (config.scale_jitter[1] - config.scale_jitter[0])
+        intensity = 1 + (2 * u[2] - 1) * config.intensity_jitter
+        gamma = math.exp((2 * u[3] - 1) * config.intensity_jitter)
+        out_images.append(perturb(inputs[i], rotation_deg=angle, scale=scale, intensity_scale=intensity, gamma=gamma))
+        if masks is not None:
+            moved = perturb(masks[i][None].float(), rotation_deg=angle, scale=scale)
+            out_masks.append(moved[0])
+    return torch.stack(out_images), (torch.stack(out_masks) if masks is not None else None)
+
+
+def _loss(task: TaskSpec, logits: torch.Tensor, targets: torch.Tensor, pos_weight: torch.Tensor | None) -> torch.Tensor:
+    if task.kind == "segmentation":
+        prob = torch.sigmoid(logits[:, 0].float())
+        truth = (targets >= 0.5).float()
+        bce = F.binary_cross_entropy_with_logits(logits[:, 0].float(), truth)
+        inter = (prob * truth).sum()
+        soft_dice = 1 - (2 * inter + 1) / (prob.sum() + truth.sum() + 1)
+        return bce + soft_dice
+    return F.binary_cross_entropy_with_logits(logits.float(), targets, pos_weight=pos_weight)
+
+
+def finetune(
+    task: TaskSpec, train: TaskData, val: TaskData, config: FinetuneConfig, *, encoder: Encoder | None = None,
+    progress: Callable[[int, float, float | None], None] | None = None,
+) -> FinetuneResult:
+    """Train with early stopping on the validation metric; returns the best state (not the last)."""
+    torch.manual_seed(config.seed)
+    device = torch.device(config.device)
+    spec = InputSpec(size=config.size, channels=config.channels)
+    encoder = encoder or Encoder(EncoderSpec(arch=config.arch, in_channels=config.channels))
+    network = build_network(task, encoder).to(device)
+    head = (SwAVHead(encoder.feature_dim, 512, 64, config.hybrid_prototypes).to(device)
+            if config.regime == "hybrid" else None)
+    swav = SwAVLoss()
+    multicrop = MultiCrop([CropSpec(size=config.size, count=2, scale=(0.3, 1.0)),
+                           CropSpec(size=config.size // 2, count=2, scale=(0.05, 0.3))],
+                          AugmentConfig(), config.channels)
+    encoder_params = list(network.encoder.parameters())  # type: ignore[union-attr]
+    encoder_ids = {id(p) for p in encoder_params}
+    other = [p for p in network.parameters() if id(p) not in encoder_ids]
+    if head is not None:
+        other += list(head.parameters())
+    optimizer = torch.optim.AdamW([
+        {"params": encoder_params, "lr_scale": config.encoder_lr_scale},
+        {"params": other, "lr_scale": 1.0},
+    ], lr=config.lr, weight_decay=config.weight_decay)
+    schedule = OptimConfig(name="adamw", lr=config.lr, final_lr=config.lr * 0.01, warmup_steps=config.warmup_steps)
+    pos_weight = None
+    if task.kind != "segmentation":
+        positives = train.targets.sum(0)
+        pos_weight = ((len(train) - positives) / positives.clamp_min(1)).clamp(1.0, 20.0).to(device)
+    on_gpu = device.type == "cuda"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.amp) if on_gpu else None
+    scaler = torch.amp.GradScaler("cuda", enabled=on_gpu and config.amp == "fp16")
+    generator = torch.Generator().manual_seed(config.seed)
+    best_metric, best_step, best_state = -math.inf, 0, None
+    curve: list[tuple[int, float]] = []
+    losses: list[float] = []
+    stale = 0
+    started = time.perf_counter()
+    if len(train) < 2:
+        raise ValueError(f"{len(train)} training sample(s): too few to finetune (batch norm needs two)")
+    batch_size = min(config.batch_size, len(train))  # a small labelled set still trains, in smaller batches
+    step = 0
+    while step < config.steps:
+        order = torch.randperm(len(train), generator=generator).tolist()
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            indices = order[start:start + batch_size]
+            network.train()
+            inputs = batch_inputs(train, indices, spec)
+            masks = train.targets[indices] if task.kind == "segmentation" else None
+            inputs, moved = _augment(inputs, masks, config, generator)
+            targets = moved if moved is not None else train.targets[indices]
+            lr = learning_rate(step, config.steps, config.lr, schedule)
+            for group in optimizer.param_groups:
+                group["lr"] = lr * group["lr_scale"]
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = network(inputs.to(device))
+                loss = _loss(task, logits, targets.to(device), pos_weight)
+                if head is not None:
+                    head.normalise_prototypes()
+                    views = _hybrid_views(train, indices, multicrop, generator)
+                    _, scores = head(encode_crops(network.encoder, [v.to(device) for v in views]))  # type: ignore[arg-type]
+                    swav_loss, _ = swav(list(scores.split(len(indices))))
+                    loss = loss + config.hybrid_weight * swav_loss
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            losses.append(float(loss.detach()))
+            step += 1
+            metric = None
+            if step % config.eval_every == 0 or step == config.steps:
+                metric = validation_metric(task, val, predict(network, val, spec, device))
+                curve.append((step, metric))
+                if metric > best_metric:
+                    best_metric, best_step, stale = metric, step, 0
+                    best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+                else:
+                    stale += 1
+            if progress is not None:
+                progress(step, losses[-1], metric)
+            if step >= config.steps or stale >= config.patience:
+                break
+        if stale >= config.patience:
+            break
+    if best_state is not None:
+        network.load_state_dict(best_state)
+    thresholds = choose_thresholds(task, val, predict(network, val, spec, device))
+    return FinetuneResult(network.cpu().eval(), best_metric, best_step, step, curve, thresholds,
+                          time.perf_counter() - started, losses)
+
+
+def _hybrid_views(data: TaskData, indices: Sequence[int], multicrop: MultiCrop,
+                  generator: torch.Generator) -> list[torch.Tensor]:
+    per_sample = []
+    for i in indices:
+        pixels = data.images[i].numpy().astype(np.uint16)
+        decoded = decode_hu(pixels) if data.encodings[i] == "hu" else decode_unit(pixels)
+        per_sample.append(multicrop.views(torch.from_numpy(decoded), data.encodings[i], generator))
+    return [torch.stack([views[v] for views in per_sample]) for v in range(len(per_sample[0]))]
+
+
+def choose_thresholds(task: TaskSpec, val: TaskData, probs: torch.Tensor) -> dict[str, float]:
+    """Operating points on validation data: Youden's J per output (0.5 where a class is missing)."""
+    if task.kind == "segmentation":
+        return {task.outputs[0]: 0.5}
+    scores = study_scores(task, val, probs).numpy()
+    truth = val.study_targets.numpy()
+    out = {}
+    for k, name in enumerate(task.outputs):
+        present = 0 < truth[:, k].sum() < len(truth)
+        out[name] = float(youden_threshold(truth[:, k], scores[:, k])) if present else 0.5
+    return out
+
+
+def save_model(out: Path, task: TaskSpec, result: FinetuneResult, config: FinetuneConfig, *, name: str,
+               version: str, training: dict[str, Any], encoder_source: dict[str, Any]) -> ModelCard:
+    """Write ``model.safetensors`` and ``card.yaml`` (a fresh Device UID for this training)."""
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in result.network.state_dict().items()}
+    save_file(state, str(out / WEIGHTS))
+    encoder_spec = result.network.encoder.spec  # type: ignore[union-attr]
+    card = ModelCard(
+        name=name, version=version, task=task.name, kind=task.kind, description=task.description,
+        applies_to=AppliesTo(modalities=task.modalities, body_parts=task.body_parts,
+                             min_slices=8 if task.kind != "classification" else 1),
+        encoder=encoder_spec, input=InputSpec(size=config.size, channels=config.channels),
+        outputs=[OutputSpec(name=f.name, concept=f.concept, threshold=result.thresholds[f.name],
+                            threshold_rule="youden on validation" if task.kind != "segmentation"
+                            else "voxel probability 0.5")
+                 for f in task.findings],
+        validation={"metric": "mean study AUC" if task.kind != "segmentation" else "mean Dice",
+                    "value": result.best_metric, "best_step": result.best_step, "curve": result.curve},
+        training={**training, "config": config.model_dump(mode="json"), "steps_run": result.steps_run,
+                  "seconds": round(result.seconds, 1)},
+        encoder_source=encoder_source, device_uid=new_device_uid(),
+        sha256=sha256_of(out / WEIGHTS), created=datetime.now(UTC).isoformat(timespec="seconds"),
+    )
+    write_card(out, card)
+    return card
+
+
+def initial_encoder(init: str, config: FinetuneConfig) -> tuple[Encoder, dict[str, Any]]:
+    """``scratch`` or an exported encoder folder (refused if its input spec differs from the config's)."""
+    spec = EncoderSpec(arch=config.arch, in_channels=config.channels)
+    if init == "scratch":
+        return Encoder(spec), {"init": "scratch"}
+    encoder, card = load_encoder(Path(init), expect=spec)
+    return encoder, {"init": str(init), "sha256": card.sha256, "steps": card.steps,
+                     "training_data": card.training_data}
