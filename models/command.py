@@ -9,6 +9,7 @@ import typer
 import yaml
 from pydantic import ValidationError
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 models_app = typer.Typer(help="The model registry: list, show and register model versions.", no_args_is_help=True)
@@ -70,11 +71,24 @@ def finetune(
                   f"{len(splits['test'])} test studies (patient-level split); init {init}, {regime}")
     train_data = build_data(spec, train_items, input_spec)
     val_data = build_data(spec, splits["val"], input_spec)
-    result = run(spec, train_data, val_data, settings, encoder=encoder)
     root = _models_dir(config, models_dir)
     model_name = name or spec.name
     version = next_version(root, model_name)
     target = out or Path("runs/finetune") / f"{model_name}-{version}"
+    bar = Progress(TextColumn("finetune"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[info]}"),
+                   TimeRemainingColumn(), console=Console(stderr=True))
+    job = bar.add_task("finetune", total=steps, info="")
+    best: list[float] = []
+
+    def show(step: int, loss: float, metric: float | None) -> None:
+        if metric is not None:
+            best.append(max([metric, *best]))
+        info = f"loss {loss:.3f}" + (f"  best val {best[-1]:.3f}" if best else "")
+        bar.update(job, completed=step, info=info)
+
+    with bar:
+        result = run(spec, train_data, val_data, settings, encoder=encoder, progress=show,
+                     checkpoint=target / "checkpoint.safetensors")
     training: dict[str, Any] = {
         "data": str(data), "studies": {k: len(v) for k, v in splits.items()} | {"train_used": len(train_items)},
         "label_fraction": label_fraction, "regime": regime, "patient_split": "60/20/20 by patient, seed " + str(seed),
@@ -82,6 +96,7 @@ def finetune(
     }
     card = save_model(target, spec, result, settings, name=model_name, version=version, training=training,
                       encoder_source=source)
+    (target / "checkpoint.safetensors").unlink(missing_ok=True)  # the crash copy; model.safetensors is the best
     console.print(f"validation {card.validation['metric']} {result.best_metric:.3f} at step {result.best_step} "
                   f"of {result.steps_run}; model in {target}")
     if register:

@@ -12,6 +12,7 @@ a random rotation/zoom/intensity/gamma through ``augment.perturb``, the same for
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -228,9 +229,13 @@ def _loss(task: TaskSpec, logits: torch.Tensor, targets: torch.Tensor, pos_weigh
 
 def finetune(
     task: TaskSpec, train: TaskData, val: TaskData, config: FinetuneConfig, *, encoder: Encoder | None = None,
-    progress: Callable[[int, float, float | None], None] | None = None,
+    progress: Callable[[int, float, float | None], None] | None = None, checkpoint: Path | None = None,
 ) -> FinetuneResult:
-    """Train with early stopping on the validation metric; returns the best state (not the last)."""
+    """Train with early stopping on the validation metric; returns the best state (not the last).
+
+    With ``checkpoint``, every new best state is also written there (safetensors, atomically), so a
+    long run that dies still leaves its best model on disk.
+    """
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
     spec = InputSpec(size=config.size, channels=config.channels)
@@ -302,7 +307,9 @@ def finetune(
                 curve.append((step, metric))
                 if metric > best_metric:
                     best_metric, best_step, stale = metric, step, 0
-                    best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+                    best_state = {k: v.detach().clone().contiguous() for k, v in network.state_dict().items()}
+                    if checkpoint is not None:
+                        _save_atomically(best_state, checkpoint)
                 else:
                     stale += 1
             if progress is not None:
@@ -316,6 +323,13 @@ def finetune(
     thresholds = choose_thresholds(task, val, predict(network, val, spec, device))
     return FinetuneResult(network.cpu().eval(), best_metric, best_step, step, curve, thresholds,
                           time.perf_counter() - started, losses)
+
+
+def _save_atomically(state: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    save_file({k: v.cpu() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
 
 
 def _hybrid_views(data: TaskData, indices: Sequence[int], multicrop: MultiCrop,

@@ -132,6 +132,8 @@ def test_cli_finetune_models_and_evaluate(phantoms: Path, tmp_path: Path) -> Non
                                "--out", str(tmp_path / "model")], catch_exceptions=False)
     assert done.exit_code == 0, done.output
     assert "registered cxr-abnormality@1" in done.output
+    assert sorted(p.name for p in (tmp_path / "registry" / "cxr-abnormality" / "1").iterdir()) == [
+        "card.yaml", "model.safetensors"]
     listed = runner.invoke(app, ["models", "list", "--models-dir", registry])
     assert "cxr-abnormality" in listed.output
     shown = runner.invoke(app, ["models", "show", "cxr-abnormality@1", "--models-dir", registry])
