@@ -157,7 +157,7 @@ def _read_patient_key(path: Path, study_uid: str) -> str:
         ) from exc
     patient_id = str(ds.get("PatientID", "") or "").strip()
     if not patient_id:
-        log.warning("study %s has no PatientID: it is its own patient in splits", study_uid)
+        log.warning("study %s has no patient identifier: it counts as its own patient in splits", study_uid)
         return patient_key("study:" + study_uid)
     return patient_key(patient_id)
 
