@@ -81,6 +81,10 @@ def synth(
     mr_size: Annotated[int, typer.Option(min=32, help="Rows and columns of a brain MR slice.")] = 512,
     cxr_size: Annotated[int, typer.Option(min=32, help="Rows and columns of a chest radiograph.")] = 512,
     workers: Annotated[int, typer.Option(min=0, help="Worker processes (0: one per CPU, at most 4).")] = 0,
+    patient_prefix: Annotated[
+        str,
+        typer.Option(help="Start of every PatientID; give sets that must share no patient different ones."),
+    ] = "PH",
 ) -> None:
     """Write deterministic phantom DICOM studies with ground truth, for tests, demos and benchmarks.
 
@@ -95,11 +99,16 @@ def synth(
     Labels: labels.csv, slice_labels.csv (head CT) and manifest.json. Patients are synthetic.
     """
     from node.synth.generate import default_workers, generate
+    from node.synth.roster import check_patient_prefix
 
     try:
         chosen = parse_kinds(kinds)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--kinds") from None
+    try:
+        check_patient_prefix(patient_prefix)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--patient-prefix") from None
     level = _difficulty(
         difficulty,
         prevalence,
@@ -137,6 +146,7 @@ def synth(
             cxr_size=cxr_size,
             workers=processes,
             on_study=advance,
+            patient_prefix=patient_prefix,
         )
     elapsed = time.perf_counter() - started
     for kind in chosen:

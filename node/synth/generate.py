@@ -29,7 +29,7 @@ from node.synth.headers import SeriesInfo, ct_dataset, ct_template, dx_dataset, 
 from node.synth.lesions import LesionRecord, Placement, merge_masks
 from node.synth.manifest import Manifest, SliceLabels, StudyRecord
 from node.synth.mr_brain import build_mr_brain
-from node.synth.roster import StudyPlan, plan_studies
+from node.synth.roster import DEFAULT_PATIENT_PREFIX, StudyPlan, check_patient_prefix, plan_studies
 from node.synth.seg import build_seg
 from node.synth.spec import CT_FINDINGS, FINDINGS, Difficulty, Kind, parse_kinds
 from node.synth.writer import instance_path, seg_path, write_dataset, write_tables
@@ -341,6 +341,7 @@ def generate(
     cxr_size: int = 512,
     workers: int = 1,
     on_study: Callable[[StudyRecord], None] | None = None,
+    patient_prefix: str = DEFAULT_PATIENT_PREFIX,
 ) -> Manifest:
     """Generate ``studies`` studies of each of ``kinds`` under ``out_dir`` and return the manifest.
 
@@ -348,7 +349,10 @@ def generate(
     ``workers > 1`` studies are made in spawned processes (a script calling this then needs the
     ``if __name__ == "__main__":`` guard); ``default_workers`` suggests a count. ``on_study`` is
     called in this process after each study is written, in completion order (for progress).
+    ``patient_prefix`` starts every PatientID (default ``PH``): IDs restart at 1 in every run, so
+    sets that must not share a patient (a pretraining archive and a test set) get distinct prefixes.
     """
+    check_patient_prefix(patient_prefix)
     chosen = parse_kinds(kinds if isinstance(kinds, str) else list(kinds))
     difficulty = difficulty or Difficulty()
     geometry = Geometry(
@@ -357,7 +361,7 @@ def generate(
     ctx = _Context(out_dir=Path(out_dir), seed=seed, difficulty=difficulty, geometry=geometry)
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
 
-    plans = plan_studies(seed, chosen, studies, difficulty.prevalence)
+    plans = plan_studies(seed, chosen, studies, difficulty.prevalence, patient_prefix=patient_prefix)
     records: list[StudyRecord] = []
     slices: list[SliceLabels] = []
     for record, study_slices in _run(ctx, plans, workers, on_study):
