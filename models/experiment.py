@@ -239,7 +239,7 @@ class ExperimentSettings(BaseModel):
                 labelled_studies={"cxr-abnormality": 12, "ct-hemorrhage": 12, "mr-metastasis": 12},
                 small_studies={"cxr-abnormality": 3, "ct-hemorrhage": 3, "mr-metastasis": 3},
                 archive_studies={"cxr-abnormality": 4, "ct-hemorrhage": 2, "mr-metastasis": 2},
-                finetune=FinetuneRecipe(steps=2, batch_size=4, warmup_steps=0, eval_every=1, patience=4),
+                finetune=FinetuneRecipe(steps=2, batch_size=4, warmup_steps=0, eval_every=2, patience=4),
                 pretrain=PretrainRecipe(steps=2, batch_size=4, local_crops=2, prototypes=8, hidden_dim=32,
                                         out_dim=16, warmup_steps=1, freeze_prototypes_steps=1),
             )
@@ -773,6 +773,8 @@ def _run_arm(run: _Run, task: str, candidate: str, arm: str, size: str, seed: in
         "seconds": {"train": trained if trained_in == "arm" else result.seconds,
                     "evaluate": time.perf_counter() - started - trained},
         "device": run.device, "torch": torch.__version__, "finished": _now(),
+        # Timings are only comparable on an otherwise idle machine; the 1-minute load says whether it was.
+        "load_1min": os.getloadavg()[0], "cpus": os.cpu_count(),
     }
     _write_json(path, record)
     return record

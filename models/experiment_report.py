@@ -372,6 +372,8 @@ def _estimate_full(arms: Sequence[Mapping[str, Any]], pretrain: Mapping[str, Any
     per_sample: dict[str, list[float]] = {}
     rates: dict[tuple[str, str], list[float]] = {}
     for record in arms:
+        if "samples" not in record or "seconds" not in record:
+            continue
         seconds, samples = record["seconds"], record["samples"]
         infer = seconds["evaluate"] / max(passes * samples["test"], 1)
         per_sample.setdefault(record["task"], []).append(infer)
@@ -596,9 +598,14 @@ def write_experiment_report(
               f"![robustness drop]({plots['robustness'].name})", ""]
 
     lines += ["## Time", "", f"- Wall time of the sessions on this folder: {compute / 60:.1f} min "
-              f"({len(sessions)} session(s)); phases of the last: "
+              f"({len(sessions)} finished session(s); a killed one leaves no record); phases of the last: "
               + ", ".join(f"{k} {v / 60:.1f} min" for k, v in (sessions[-1]["phases_s"].items() if sessions else {})),
               f"- Machine: {json.dumps(sessions[-1]['machine']) if sessions else 'n/a'}", ""]
+    loads = [float(a["load_1min"]) for a in arms if a.get("load_1min") is not None]
+    if loads:
+        lines += [(f"- Machine load at the end of each arm (1-minute load average, {arms[0].get('cpus')} CPUs): "
+                  f"mean {np.mean(loads):.1f}, max {max(loads):.1f}; above the CPU count other work shared the "
+                  "cores and the times here (and the estimate below) are inflated."), ""]
     if estimate:
         lines += [(f"- Estimated full run on this machine: **{estimate['total_s'] / 3600:.1f} h** "
                   f"({estimate['method']})."), ""]
