@@ -237,6 +237,19 @@ class RetentionSettings(Strict):
     interval_s: float = Field(default=3600, gt=0)
 
 
+class ExportSettings(Strict):
+    """The export outbox: result files C-STOREd to the destinations, retried with back-off.
+
+    A failed attempt waits ``min(base_backoff_s * 2**attempts, max_backoff_s)``; the defaults
+    retry for about 20 hours (30 attempts) before an export is marked failed for good.
+    """
+
+    base_backoff_s: float = Field(default=5.0, gt=0, description="wait after the first failed attempt")
+    max_backoff_s: float = Field(default=3600.0, gt=0, description="the longest wait between attempts")
+    max_attempts: int = Field(default=30, ge=1, description="then the export is failed (permanent) and listed")
+    poll_s: float = Field(default=1.0, gt=0, description="how often due exports are looked for")
+
+
 class WorkerSettings(Strict):
     embedded: bool = Field(default=True, description="pacsnode serve starts one worker process itself")
     concurrency: int = Field(default=1, ge=1, description="processes per worker; one per GPU")
@@ -245,12 +258,52 @@ class WorkerSettings(Strict):
     models_dir: Path = Path("pacsnode-data/models")
 
 
+def is_loopback_host(host: str) -> bool:
+    """True for an address (or ``localhost``) that only this machine can reach."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost may resolve to anything
+        return False
+
+
 class HttpSettings(Strict):
-    """Health and Prometheus metrics."""
+    """Health, Prometheus metrics, and the worklist (JSON API and web page).
+
+    The worklist names studies by UID, so anything reachable from another machine must be
+    behind authentication: a non-loopback ``host`` with ``auth: none`` is refused.
+    """
 
     enabled: bool = True
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    auth: Literal["none", "token", "basic"] = Field(
+        default="none", description="token: Authorization: Bearer <token>; basic: HTTP basic with users"
+    )
+    token: SecretStr | None = Field(default=None, description="the bearer token (auth: token), at least 16 characters")
+    users: dict[str, SecretStr] = Field(
+        default_factory=dict,
+        description="auth: basic: user -> password, plain or a pbkdf2_sha256$... hash (python -m node.auth)",
+    )
+    audit_log: Path | None = Field(
+        default=None, description="JSON lines of who viewed what; default <data_dir>/audit.log"
+    )
+
+    @model_validator(mode="after")
+    def _exposed_needs_auth(self) -> HttpSettings:
+        if self.auth == "token" and (self.token is None or len(self.token.get_secret_value()) < 16):
+            raise ValueError("http.auth: token needs http.token of at least 16 characters")
+        if self.auth == "basic" and not self.users:
+            raise ValueError("http.auth: basic needs at least one entry in http.users")
+        if self.auth == "basic" and any(":" in user or not user for user in self.users):
+            raise ValueError("http.users: a user name must be non-empty and without ':'")
+        if self.enabled and self.auth == "none" and not is_loopback_host(self.host):
+            raise ValueError(
+                f"http.host {self.host!r} is not loopback: set http.auth to token or basic"
+                " (the worklist would be open to the network)"
+            )
+        return self
 
 
 class LoggingSettings(Strict):
@@ -272,9 +325,20 @@ class Settings(BaseSettings):
     destinations: list[Destination] = Field(default_factory=list)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    exports: ExportSettings = Field(default_factory=ExportSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @field_validator("destinations")
+    @classmethod
+    def _unique_destination_names(cls, destinations: list[Destination]) -> list[Destination]:
+        """Exports are kept per destination name: two destinations must not share one."""
+        names = [dest.name for dest in destinations]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"destination names must be unique: {', '.join(duplicates)}")
+        return destinations
 
     @classmethod
     def settings_customise_sources(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 import yaml
@@ -48,55 +48,36 @@ def finetune(
     models_dir: Annotated[Path | None, typer.Option(help="Registry folder (overrides the settings).")] = None,
 ) -> None:
     """Finetune a task model from scratch or from a pretrained encoder, then register it."""
-    from models.dataset import collect_studies, patient_split, subsample
-    from models.finetune import FinetuneConfig, build_data, initial_encoder, save_model
-    from models.finetune import finetune as run
-    from models.preprocess import InputSpec
+    from models.finetune import FinetuneConfig
     from models.registry import next_version
     from models.registry import register as add
-    from models.tasks import task_spec
+    from models.training import train_task_model
 
+    console = Console()
+    root = _models_dir(config, models_dir)
     try:
-        spec = task_spec(task)
         settings = FinetuneConfig(regime=regime, steps=steps, size=size, arch=arch, device=device, seed=seed)
-        encoder, source = initial_encoder(init, settings)
-        items = collect_studies(data, labels, modality=spec.modalities, slice_labels=slice_labels)
+        model_name = name or task
+        version = next_version(root, model_name)
+        target = out or Path("runs/finetune") / f"{model_name}-{version}"
+        bar = Progress(TextColumn("finetune"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[info]}"),
+                       TimeRemainingColumn(), console=Console(stderr=True))
+        job = bar.add_task("finetune", total=steps, info="")
+        best: list[float] = []
+
+        def show(step: int, loss: float, metric: float | None) -> None:
+            if metric is not None:
+                best.append(max([metric, *best]))
+            info = f"loss {loss:.3f}" + (f"  best val {best[-1]:.3f}" if best else "")
+            bar.update(job, completed=step, info=info)
+
+        with bar:
+            trained = train_task_model(task, data, labels, settings, init=init, out=target, name=model_name,
+                                       version=version, slice_labels=slice_labels, label_fraction=label_fraction,
+                                       progress=show, announce=console.print)
     except (ValueError, ValidationError, FileNotFoundError) as exc:
         raise _fail(str(exc)) from None
-    splits = patient_split(items, seed=seed)
-    train_items = subsample(splits["train"], fraction=label_fraction, seed=seed) if label_fraction else splits["train"]
-    input_spec = InputSpec(size=size, channels=settings.channels)
-    console = Console()
-    console.print(f"{task}: {len(train_items)} training, {len(splits['val'])} validation, "
-                  f"{len(splits['test'])} test studies (patient-level split); init {init}, {regime}")
-    train_data = build_data(spec, train_items, input_spec)
-    val_data = build_data(spec, splits["val"], input_spec)
-    root = _models_dir(config, models_dir)
-    model_name = name or spec.name
-    version = next_version(root, model_name)
-    target = out or Path("runs/finetune") / f"{model_name}-{version}"
-    bar = Progress(TextColumn("finetune"), BarColumn(), TaskProgressColumn(), TextColumn("{task.fields[info]}"),
-                   TimeRemainingColumn(), console=Console(stderr=True))
-    job = bar.add_task("finetune", total=steps, info="")
-    best: list[float] = []
-
-    def show(step: int, loss: float, metric: float | None) -> None:
-        if metric is not None:
-            best.append(max([metric, *best]))
-        info = f"loss {loss:.3f}" + (f"  best val {best[-1]:.3f}" if best else "")
-        bar.update(job, completed=step, info=info)
-
-    with bar:
-        result = run(spec, train_data, val_data, settings, encoder=encoder, progress=show,
-                     checkpoint=target / "checkpoint.safetensors")
-    training: dict[str, Any] = {
-        "data": str(data), "studies": {k: len(v) for k, v in splits.items()} | {"train_used": len(train_items)},
-        "label_fraction": label_fraction, "regime": regime, "patient_split": "60/20/20 by patient, seed " + str(seed),
-        "skipped": train_data.skipped,
-    }
-    card = save_model(target, spec, result, settings, name=model_name, version=version, training=training,
-                      encoder_source=source)
-    (target / "checkpoint.safetensors").unlink(missing_ok=True)  # the crash copy; model.safetensors is the best
+    result, card = trained.result, trained.card
     console.print(f"validation {card.validation['metric']} {result.best_metric:.3f} at step {result.best_step} "
                   f"of {result.steps_run}; model in {target}")
     if register:

@@ -117,14 +117,15 @@ def _modalities(modality: str | Sequence[str]) -> frozenset[str]:
     return chosen
 
 
-def _usable(row: ImageRow) -> bool:
-    """Whether a frame is a primary acquisition: not a localizer, not derived or secondary.
+def is_primary_image(image_type: str) -> bool:
+    """Whether an image (ImageType, backslash-joined) is a primary acquisition: not a localizer, not
+    derived or secondary.
 
     A localizer (scout) often has more frames than anything but is no diagnostic slice; derived
     and secondary images (MPRs, MIPs, screenshots) repeat the acquisition in another geometry.
-    An empty ImageType says nothing, so the frame is kept.
+    An empty ImageType says nothing, so the image is kept. Finetuning and inference share this rule.
     """
-    values = [value.strip().upper() for value in row.image_type.split("\\")]
+    values = [value.strip().upper() for value in image_type.split("\\")]
     if "LOCALIZER" in values:
         return False
     if values and values[0] == "DERIVED":
@@ -242,7 +243,7 @@ def _scan(index_path: Path, root: Path, wanted: frozenset[str]) -> _Scan:
             scan.sops.update(row.sop_uid for row in series)
             scan.modalities.update(row.modality for row in series)
             rows = [row for row in series if row.modality in wanted]
-            usable = [row for row in rows if _usable(row)]
+            usable = [row for row in rows if is_primary_image(row.image_type)]
             scan.skipped_frames += len(rows) - len(usable)
             if not usable:
                 continue

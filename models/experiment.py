@@ -622,43 +622,28 @@ def _disjointness(run: _Run, frozen: dict[str, Any], archive: Path) -> dict[str,
 
 def _pretrain(run: _Run, archive: Path) -> tuple[Path, dict[str, Any]]:
     """Index -> prepare -> SwAV -> export, each stage cached; returns the encoder folder and a summary."""
-    from pretrain import runtime as rt
-    from pretrain.export import export_encoder, read_card
-    from pretrain.index import build_index
-    from pretrain.prepare import prepare_shards
-    from pretrain.shards import MANIFEST_NAME, ShardSet
-    from pretrain.train import train
+    from pretrain.pipeline import shard_archive, train_and_export
+    from pretrain.shards import ShardSet
 
     root = run.out / "pretrain"
-    encoder_dir = root / "encoder"
     summary_path = root / "summary.json"
-    if (encoder_dir / "encoder.yaml").is_file() and summary_path.is_file():
-        return encoder_dir, _read_json(summary_path)
+    if (root / "encoder" / "encoder.yaml").is_file() and summary_path.is_file():
+        return root / "encoder", _read_json(summary_path)
     s = run.settings
     root.mkdir(parents=True, exist_ok=True)
     with run.phase("pretrain"):
         run.console.print("pretraining: index, prepare, SwAV, export")
-        index = root / "index.sqlite"
-        build_index([archive], index, workers=s.workers, progress=run.show_progress)
-        shards = root / "shards"
-        if not (shards / MANIFEST_NAME).is_file():
-            shutil.rmtree(shards, ignore_errors=True)
-            prepare_shards(index, shards, size=s.input_size, slice_stride=1, shard_size=512, workers=s.workers,
-                           progress=run.show_progress)
-        images = len(ShardSet(shards))
-        config = s.pretrain_config(images=images, device=run.device)
-        runtime = rt.Runtime(device=rt.pick_device(run.device), rank=0, world=1, local_rank=0)
+        shards = shard_archive([archive], root, size=s.input_size, workers=s.workers, progress=run.show_progress)
+        config = s.pretrain_config(images=len(ShardSet(shards)), device=run.device)
         started = time.perf_counter()
-        result = train(shards, config, root / "run", runtime, resume=True, progress=run.show_progress,
-                       console=run.console)
-        run.counters.pretrain_steps += len(result.losses)
-        card = export_encoder(root / "run", encoder_dir)
-        card = read_card(encoder_dir)
+        outcome = train_and_export(shards, root, config, progress=run.show_progress, console=run.console)
+        run.counters.pretrain_steps += len(outcome.losses)
+        card, images, encoder_dir = outcome.card, outcome.images, outcome.encoder_dir
     summary = {"images": images, "steps": card.steps, "global_batch": card.global_batch,
                "modalities": card.training_data.get("modalities"), "studies": card.training_data.get("studies"),
                "recipe": config.model_dump(mode="json"), "encoder_sha256": card.sha256,
                "seconds_this_session": time.perf_counter() - started,
-               "final_losses": result.losses[-10:], "device": run.device}
+               "final_losses": outcome.losses[-10:], "device": run.device}
     _write_json(summary_path, summary)
     return encoder_dir, summary
 

@@ -442,10 +442,16 @@ def lesions(mask: npt.ArrayLike, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> 
     ``spacing`` is the voxel size in mm along each array axis (one value per dimension), used
     only for ``volume_mm3``; connectivity is on the voxel grid whatever the spacing.
     """
+    return label_lesions(mask, spacing)[1]
+
+
+def label_lesions(mask: npt.ArrayLike, spacing: Sequence[float] = (1.0, 1.0, 1.0)
+                  ) -> tuple[npt.NDArray[np.int32], list[Lesion]]:
+    """:func:`lesions` plus the label image (0 outside, k inside ``lesions[k-1]``), which a SEG needs."""
     m = _as_mask(mask, "mask")
     sp = _spacing(spacing, m.ndim)
     labelled, count = _label(m)
-    return _components(labelled, count, sp)
+    return labelled, _components(labelled, count, sp)
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,7 @@ class Assembler:
             why = self._completion_reason(study, routes, now)
             if why is None:
                 continue
-            jobs = [self._job(study, r) for r in routes]
+            jobs = [self._job(study, r, now) for r in routes]
             if self._index.complete_study(study.study_uid, study.version, jobs, now):
                 completed += 1
                 self._log.info("study complete", study_uid=study.study_uid, version=study.version, why=why,
@@ -75,13 +75,14 @@ class Assembler:
             return "mpps completed"
         return None
 
-    def _job(self, study: StudyRow, r: Route) -> JobSpec:
+    def _job(self, study: StudyRow, r: Route, now: float) -> JobSpec:
         message = DispatchMessage(
             job_id=job_id_for(study.study_uid, study.version, r.rule.pipeline),
             study_uid=study.study_uid,
             version=study.version,
             pipeline=r.rule.pipeline,
             priority=r.rule.priority,
+            completed_at=now,
             series=[
                 SeriesRef(series_uid=s.series_uid, modality=s.modality,
                           instances=self._index.series_instances(s.series_uid))

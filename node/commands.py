@@ -79,30 +79,45 @@ def config_check(config: ConfigOption = None) -> None:
 def status(
     config: ConfigOption = None,
     state: Annotated[str | None, typer.Option(help="only studies in this state")] = None,
+    date_from: Annotated[str | None, typer.Option("--from", help="received on or after this day (YYYY-MM-DD)")] = None,
+    date_to: Annotated[str | None, typer.Option("--to", help="received on or before this day (YYYY-MM-DD)")] = None,
     limit: Annotated[int, typer.Option(help="rows to show")] = 50,
 ) -> None:
-    """Studies and their states, from the node's index."""
+    """Studies with their states, findings and export status, from the node's index.
+
+    The same query as the HTTP worklist (``/api/studies``): dates are the day the node received
+    the study, in local time, both ends inclusive; newest received first.
+    """
     settings = _settings(config)
     from rich.console import Console
     from rich.table import Table
 
     from node.index import StudyIndex
+    from node.worklist import QueryError, StudyQuery, Worklist, duration_text, short_time
 
+    try:
+        query = StudyQuery.parse(state, date_from, date_to, limit)
+    except QueryError as exc:
+        name = str(exc).split(":", 1)[0]
+        raise typer.BadParameter(str(exc), param_hint=f"--{name}") from exc
     if not settings.node.index_path.exists():
         raise typer.BadParameter(f"no index at {settings.node.index_path}", param_hint="--config")
-    index = StudyIndex(settings.node.index_path)
+    worklist = Worklist(StudyIndex(settings.node.index_path))
     console = Console()
     if not console.is_terminal:
         console = Console(width=400)  # piped or redirected: one line per study, UIDs never cut
-    counts = index.counts_by_state()
+    counts = worklist.counts_by_state()
+    exports = {k: v for k, v in worklist.export_counts().items() if v}
     console.print("Studies by state: " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"))
-    table = Table("Study Instance UID", "v", "state", "images", "MB", "pipelines", "reason", "updated")
+    console.print("Exports by state: " + (", ".join(f"{k}={v}" for k, v in sorted(exports.items())) or "none"))
+    table = Table("Study Instance UID", "v", "state", "images", "MB", "pipelines", "findings", "export",
+                  "received", "result", "took", "reason")
     table.columns[0].overflow = "fold"  # a narrow terminal wraps a UID rather than truncating it
-    for study in index.studies(state, limit):
-        jobs = [j for j in index.jobs_of(study.study_uid) if j.version == study.version]
+    for study in worklist.studies(query):
         table.add_row(study.study_uid, str(study.version), study.state, str(study.image_count),
-                      f"{study.bytes / 1e6:.1f}", ", ".join(f"{j.pipeline}:{j.state}" for j in jobs),
-                      study.reason, time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(study.updated_at)))
+                      f"{study.bytes / 1e6:.1f}", ", ".join(f"{p.pipeline}:{p.state}" for p in study.pipelines),
+                      study.findings_text(), study.exports_text(), short_time(study.received_at),
+                      short_time(study.result_at), duration_text(study.processing_s), study.reason)
     console.print(table)
 
 

@@ -1,4 +1,5 @@
-"""The study index: studies, series, instances, dispatch jobs (the outbox) and MPPS, in SQLite.
+"""The study index: studies, series, instances, dispatch jobs (the outbox), result exports (the
+export outbox) and MPPS, in SQLite.
 
 The node is the only process that opens it (workers report through the broker). Every thread
 gets its own connection; WAL with ``synchronous=FULL`` makes each commit durable, and the
@@ -11,13 +12,14 @@ import enum
 import json
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from config.settings import Destination
 from node.headers import InstanceHeader, InstanceKind
-from node.messages import JobState, ReportMessage
+from node.messages import JobState, ReportMessage, ResultKind
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS studies (
@@ -89,6 +91,25 @@ CREATE TABLE IF NOT EXISTS produced (
     sop_uid TEXT PRIMARY KEY,
     job_id TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS exports (
+    job_id TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    sop_uid TEXT NOT NULL,
+    study_uid TEXT NOT NULL,
+    path TEXT NOT NULL,
+    sop_class_uid TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_status TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    sent_at REAL,
+    PRIMARY KEY (job_id, destination, sop_uid)
+);
+CREATE INDEX IF NOT EXISTS exports_due ON exports(state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS exports_study ON exports(study_uid, state);
 CREATE TABLE IF NOT EXISTS mpps (
     mpps_uid TEXT PRIMARY KEY,
     study_uid TEXT NOT NULL,
@@ -113,6 +134,16 @@ class StudyState(str, enum.Enum):
 IN_FLIGHT = (StudyState.RECEIVING, StudyState.COMPLETE, StudyState.QUEUED, StudyState.PROCESSING)
 PRIORITY_VALUE = {"urgent": 9, "routine": 0}
 PRIORITY_NAME = {value: name for name, value in PRIORITY_VALUE.items()}
+
+
+class ExportState(str, enum.Enum):
+    PENDING = "pending"  # to be sent at next_attempt_at
+    SENT = "sent"  # the destination answered success or a warning
+    FAILED = "failed"  # permanent: max attempts reached, or the file can never be sent
+
+
+# What each kind of destination gets: SR and SEG where they can be shown, else KO and SC.
+KINDS_FOR_SR_SEG = {True: (ResultKind.SR, ResultKind.SEG), False: (ResultKind.KO, ResultKind.SC)}
 
 
 class IngestChange(enum.Enum):
@@ -190,16 +221,66 @@ class StudyRow:
     updated_at: float
 
 
+@dataclass(frozen=True)
+class ExportKey:
+    """Identifies one export row: one result file for one destination."""
+
+    job_id: str
+    destination: str
+    sop_uid: str
+
+
+@dataclass(frozen=True)
+class ExportRow:
+    """One result file's export to one destination, as operators and the web page see it."""
+
+    job_id: str
+    destination: str
+    sop_uid: str
+    kind: str
+    state: str
+    attempts: int
+    last_status: str
+    next_attempt_at: float
+    sent_at: float | None
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class DueExport:
+    """A pending export whose time has come: what the exporter needs to send it."""
+
+    key: ExportKey
+    study_uid: str
+    path: str  # relative to the store
+    sop_class_uid: str
+    attempts: int
+
+
+@dataclass(frozen=True)
+class ExportFailure:
+    """A failed attempt; ``retry_at`` None makes the failure permanent."""
+
+    key: ExportKey
+    status: str
+    retry_at: float | None
+
+
 def job_id_for(study_uid: str, version: int, pipeline: str) -> str:
     """Deterministic: the same dispatch always has the same id (idempotent publishing)."""
     return f"{study_uid}/v{version}/{pipeline}"
 
 
 class StudyIndex:
-    """SQLite-backed state of the node. Thread-safe: one connection per thread."""
+    """SQLite-backed state of the node. Thread-safe: one connection per thread.
 
-    def __init__(self, path: Path) -> None:
+    ``destinations`` decide which result files a DONE report queues for export (and where);
+    tools that only read the index or purge it (``pacsnode status``, ``purge``) pass none.
+    """
+
+    def __init__(self, path: Path, destinations: Sequence[Destination] = ()) -> None:
         self.path = path
+        self._destinations = tuple(destinations)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._connection().executescript(SCHEMA)
@@ -444,7 +525,13 @@ class StudyIndex:
         return [JobRow(**dict(row)) for row in rows]
 
     def apply_report(self, report: ReportMessage, now: float) -> bool:
-        """Apply a worker's report; returns False for an unknown job (kept out of the index)."""
+        """Apply a worker's report; returns False for an unknown job (kept out of the index).
+
+        A DONE report queues its result files for export in the same transaction, so a report
+        is never acknowledged without its exports. Results of a superseded version (the study
+        was re-opened meanwhile) are not exported: the newer version's results replace them
+        (its SR names the older one as predecessor) and sending both only adds noise.
+        """
         with self.transaction() as conn:
             row = conn.execute(
                 "SELECT study_uid, version, state FROM jobs WHERE job_id=?", (report.job_id,)
@@ -457,15 +544,80 @@ class StudyIndex:
             conn.execute(
                 "UPDATE jobs SET state=?, reason=?, attempts=MAX(attempts, ?), results=?, findings=?,"
                 " updated_at=? WHERE job_id=?",
-                (report.state.value, report.reason, report.attempt, json.dumps(report.results),
-                 json.dumps(report.findings), now, report.job_id),
+                (report.state.value, report.reason, report.attempt,
+                 json.dumps([r.model_dump(mode="json") for r in report.results]),
+                 json.dumps(report.model_dump(mode="json")["findings"]), now, report.job_id),
             )
             conn.executemany(
                 "INSERT OR IGNORE INTO produced(sop_uid, job_id) VALUES (?,?)",
-                [(uid, report.job_id) for uid in report.result_sop_uids],
+                [(r.sop_uid, report.job_id) for r in report.results],
             )
+            if report.state is JobState.DONE and report.results:
+                self._queue_exports(conn, report, row["study_uid"], row["version"], now)
             self._refresh_study(conn, row["study_uid"], row["version"], now)
         return True
+
+    def _queue_exports(self, conn: sqlite3.Connection, report: ReportMessage, study_uid: str, version: int,
+                       now: float) -> None:
+        """One pending export per (destination, fitting result file); duplicates add nothing."""
+        current = conn.execute("SELECT version FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
+        if current is None or current["version"] != version:
+            return
+        conn.executemany(
+            "INSERT OR IGNORE INTO exports(job_id, destination, sop_uid, study_uid, path, sop_class_uid, kind,"
+            " state, next_attempt_at, created_at, updated_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+            [(report.job_id, dest.name, result.sop_uid, study_uid, result.path, result.sop_class_uid,
+              result.kind.value, ExportState.PENDING.value, now, now, now)
+             for dest in self._destinations for result in report.results
+             if result.kind in KINDS_FOR_SR_SEG[dest.accepts_sr_seg]],
+        )
+
+    # --- export outbox ------------------------------------------------------------------
+
+    def due_exports(self, now: float, limit: int = 500) -> list[DueExport]:
+        """Pending exports whose next attempt is due, oldest due first."""
+        rows = self._read(
+            "SELECT job_id, destination, sop_uid, study_uid, path, sop_class_uid, attempts FROM exports"
+            " WHERE state=? AND next_attempt_at<=? ORDER BY next_attempt_at, created_at LIMIT ?",
+            (ExportState.PENDING.value, now, limit),
+        )
+        return [DueExport(ExportKey(row["job_id"], row["destination"], row["sop_uid"]), row["study_uid"],
+                          row["path"], row["sop_class_uid"], int(row["attempts"])) for row in rows]
+
+    def record_export_outcomes(self, sent: Mapping[ExportKey, str], failures: Iterable[ExportFailure],
+                               now: float) -> None:
+        """Record one round of attempts in one transaction: ``sent`` maps each sent export to its
+        status (success or a warning); a failure is retried at its ``retry_at``, or, without
+        one, failed for good."""
+        with self.transaction() as conn:
+            conn.executemany(
+                "UPDATE exports SET state=?, attempts=attempts+1, last_status=?, sent_at=?, updated_at=?"
+                " WHERE job_id=? AND destination=? AND sop_uid=? AND state=?",
+                [(ExportState.SENT.value, status, now, now, k.job_id, k.destination, k.sop_uid,
+                  ExportState.PENDING.value) for k, status in sent.items()],
+            )
+            conn.executemany(
+                "UPDATE exports SET state=?, attempts=attempts+1, last_status=?, next_attempt_at=?, updated_at=?"
+                " WHERE job_id=? AND destination=? AND sop_uid=? AND state=?",
+                [(ExportState.PENDING.value if f.retry_at is not None else ExportState.FAILED.value, f.status,
+                  f.retry_at if f.retry_at is not None else now, now, f.key.job_id, f.key.destination,
+                  f.key.sop_uid, ExportState.PENDING.value) for f in failures],
+            )
+
+    def exports_of(self, study_uid: str) -> list[ExportRow]:
+        rows = self._read(
+            "SELECT job_id, destination, sop_uid, kind, state, attempts, last_status, next_attempt_at, sent_at,"
+            " updated_at FROM exports WHERE study_uid=? ORDER BY job_id, destination, kind, sop_uid",
+            (study_uid,),
+        )
+        return [ExportRow(**dict(row)) for row in rows]
+
+    def export_counts(self) -> dict[str, int]:
+        """Exports by state (every state present, zero included, so a gauge never goes stale)."""
+        counts = {state.value: 0 for state in ExportState}
+        for row in self._read("SELECT state, COUNT(*) AS n FROM exports GROUP BY state"):
+            counts[str(row["state"])] = int(row["n"])
+        return counts
 
     @staticmethod
     def _refresh_study(conn: sqlite3.Connection, study_uid: str, version: int, now: float) -> None:
@@ -518,11 +670,13 @@ class StudyIndex:
         return {str(row["state"]): int(row["n"]) for row in rows}
 
     def finished_studies_oldest_first(self) -> list[StudyRow]:
+        """Studies retention may purge: not in flight, and no result still waiting for export."""
         in_flight = tuple(s.value for s in IN_FLIGHT)
         rows = self._read(
             f"SELECT * FROM studies WHERE state NOT IN ({','.join('?' * len(in_flight))})"
+            " AND NOT EXISTS (SELECT 1 FROM exports WHERE exports.study_uid=studies.study_uid AND exports.state=?)"
             " ORDER BY updated_at",
-            in_flight,
+            (*in_flight, ExportState.PENDING.value),
         )
         return [StudyRow(**dict(row)) for row in rows]
 
@@ -531,18 +685,20 @@ class StudyIndex:
 
         ``retire_files`` (moving the study's folder out of the store) runs inside the same
         transaction, so an instance arriving meanwhile is either indexed first (and the study
-        is kept) or finds its file gone and is refused, to be re-sent.
+        is kept) or finds its file gone and is refused, to be re-sent. A study with exports
+        still pending is kept: its result files are yet to be sent.
         """
         in_flight = tuple(s.value for s in IN_FLIGHT)
         with self.transaction() as conn:
             deleted = conn.execute(
                 f"DELETE FROM studies WHERE study_uid=? AND updated_at=? AND state NOT IN"
-                f" ({','.join('?' * len(in_flight))})",
-                (study_uid, expected_updated_at, *in_flight),
+                f" ({','.join('?' * len(in_flight))})"
+                " AND NOT EXISTS (SELECT 1 FROM exports WHERE study_uid=? AND state=?)",
+                (study_uid, expected_updated_at, *in_flight, study_uid, ExportState.PENDING.value),
             ).rowcount
             if not deleted:
                 return False
-            for table in ("series", "instances", "jobs", "mpps"):
+            for table in ("series", "instances", "jobs", "mpps", "exports"):
                 conn.execute(f"DELETE FROM {table} WHERE study_uid=?", (study_uid,))
             retire_files()
         return True

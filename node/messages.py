@@ -42,6 +42,37 @@ class DispatchMessage(BaseModel):
     pipeline: str
     priority: str
     series: list[SeriesRef]
+    completed_at: float = Field(default=0.0, description="when the node closed this study version (epoch s); "
+                                "results carry it as their content time, so a re-run yields identical objects")
+
+
+class ResultKind(str, enum.Enum):
+    """What a result file is; destinations that cannot show SR/SEG get the KO and SC instead."""
+
+    SR = "sr"
+    SEG = "seg"
+    KO = "ko"
+    SC = "sc"
+
+
+class ResultFile(BaseModel):
+    """One DICOM object a worker wrote into the study store."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str = Field(description="relative to the study store")
+    sop_uid: str
+    sop_class_uid: str
+    kind: ResultKind
+
+
+class ReportedFinding(BaseModel):
+    """One model output for the study: its probability and the call at the model card's threshold."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    probability: float = Field(ge=0, le=1)
+    present: bool
 
 
 class ReportMessage(BaseModel):
@@ -54,6 +85,5 @@ class ReportMessage(BaseModel):
     reason: str = ""
     attempt: int = Field(default=1, ge=1)
     worker: str = ""
-    results: list[str] = Field(default_factory=list, description="result files, relative to the study store")
-    result_sop_uids: list[str] = Field(default_factory=list)
-    findings: dict[str, float] = Field(default_factory=dict)
+    results: list[ResultFile] = Field(default_factory=list)
+    findings: dict[str, ReportedFinding | float] = Field(default_factory=dict)

@@ -9,14 +9,16 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 
-class _StudiesByState(Collector):
-    """Reads study counts from the index at scrape time."""
+class _ByState(Collector):
+    """Reads counts by state from the index at scrape time (no counter to keep in sync)."""
 
-    def __init__(self, counts: Callable[[], dict[str, int]]) -> None:
+    def __init__(self, name: str, documentation: str, counts: Callable[[], dict[str, int]]) -> None:
+        self._name = name
+        self._documentation = documentation
         self._counts = counts
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily("pacsnode_studies", "Studies in the index by state", labels=["state"])
+        family = GaugeMetricFamily(self._name, self._documentation, labels=["state"])
         for state, count in sorted(self._counts().items()):
             family.add_metric([state], count)
         yield family
@@ -47,6 +49,14 @@ class NodeMetrics:
         self.reports = Counter(
             "pacsnode_reports", "Worker reports applied by state", ["state"], registry=self.registry
         )
+        self.exports = Counter(
+            "pacsnode_export_attempts", "Result C-STOREs to destinations by outcome (sent, retry, failed)",
+            ["destination", "outcome"], registry=self.registry,
+        )
 
     def watch_index(self, counts: Callable[[], dict[str, int]]) -> None:
-        self.registry.register(_StudiesByState(counts))
+        self.registry.register(_ByState("pacsnode_studies", "Studies in the index by state", counts))
+
+    def watch_exports(self, counts: Callable[[], dict[str, int]]) -> None:
+        """``pacsnode_exports{state="pending"}`` is the export backlog."""
+        self.registry.register(_ByState("pacsnode_exports", "Result exports in the index by state", counts))

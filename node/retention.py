@@ -1,6 +1,8 @@
 """Retention: purge finished studies by age and disk use; never a study still in flight.
 
-Finished means done, failed, not applicable or unmatched (``StudyState`` outside IN_FLIGHT).
+Finished means done, failed, not applicable or unmatched (``StudyState`` outside IN_FLIGHT),
+with no result file still pending export (``node.exports``): a destination that is down keeps
+its results in the store until they are sent or their export fails for good.
 Processed studies go after ``processed_max_age_days``, unmatched ones after
 ``unmatched_max_age_days``; above ``max_disk_used_percent`` the oldest finished studies go
 first until the estimate falls below it.

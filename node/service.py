@@ -1,5 +1,5 @@
 """One running node: SCP, group-commit writer, assembler, dispatcher, report consumer,
-retention, HTTP health/metrics and (on embedded defaults) a worker process."""
+export outbox, retention, HTTP health/metrics and (on embedded defaults) a worker process."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from config.settings import Settings
 from node.assembler import Assembler
 from node.dispatcher import Dispatcher
 from node.embedded_worker import EmbeddedWorker
+from node.exports import Exporter
 from node.http import start_http
 from node.index import StudyIndex
 from node.ingest import IngestWriter
@@ -30,14 +31,16 @@ class Node:
     def __init__(self, settings: Settings, config_file: Path | None = None, with_worker: bool | None = None) -> None:
         self.settings = settings
         self.store = StudyStore(settings.node.store_path)
-        self.index = StudyIndex(settings.node.index_path)
+        self.index = StudyIndex(settings.node.index_path, destinations=settings.destinations)
         self.metrics = NodeMetrics()
         self.metrics.watch_index(self.index.counts_by_state)
+        self.metrics.watch_exports(self.index.export_counts)
         self.writer = IngestWriter(self.store, self.index)
         self.scp = StorageSCP(settings.node, self.store, self.index, self.writer, self.metrics)
         self.assembler = Assembler(settings, self.index)
         self.dispatcher = Dispatcher(settings, self.index, self.metrics)
         self.reports = ReportConsumer(settings, self.index, self.metrics)
+        self.exporter = Exporter(settings, self.index, self.store, self.metrics)
         run_worker = settings.workers.embedded if with_worker is None else with_worker
         self.worker = EmbeddedWorker(settings, config_file) if run_worker else None
         self._stop = threading.Event()
@@ -51,11 +54,12 @@ class Node:
         self.server = start_scp(self.settings.node, self.scp)
         self.dicom_port = int(self.server.server_address[1])
         if self.settings.http.enabled:
-            self.http = start_http(self.settings.http.host, self.settings.http.port, self.metrics, self.health)
+            self.http = start_http(self.settings, self.metrics, self.health, self.index)
             self.http_port = int(self.http.server_address[1])
         self.assembler.start()
         self.dispatcher.start()
         self.reports.start()
+        self.exporter.start()
         self._retention.start()
         if self.worker is not None:
             self.worker.start()
@@ -85,6 +89,7 @@ class Node:
         self.assembler.stop()
         self.dispatcher.stop()
         self.reports.stop()
+        self.exporter.stop()
         self.writer.stop()
         if self.settings.http.enabled:
             self.http.shutdown()

@@ -18,7 +18,6 @@ logs paths or patient attributes: archive paths can carry names; the table is th
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing
 import os
 import sqlite3
@@ -39,7 +38,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import get_decoder
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from pretrain.decode import DECODE_ERRORS, functional_item, has_pixel_data, number_of_frames
+from pretrain.decode import DECODE_ERRORS, has_pixel_data, number_of_frames
+from pretrain.geometry import frame_spacing, slice_position
 from pretrain.progress import rate_progress
 
 log = logging.getLogger(__name__)
@@ -274,50 +274,6 @@ def _int(value: Any) -> int | None:
     return number if -(2**63) <= number < 2**63 else None
 
 
-def _floats(value: Any, count: int) -> tuple[float, ...] | None:
-    """``count`` finite floats from a multi-valued DS, or ``None``."""
-    if value is None:
-        return None
-    try:
-        numbers = tuple(float(item) for item in (value if isinstance(value, Iterable) else [value]))
-    except (TypeError, ValueError):
-        return None
-    if len(numbers) < count or not all(math.isfinite(number) for number in numbers[:count]):
-        return None
-    return numbers[:count]
-
-
-def _spacing(ds: Dataset, frame: int) -> tuple[float | None, float | None, float | None]:
-    """(row spacing, column spacing, slice thickness) in mm, each ``None`` where absent."""
-    spacing = _floats(ds.get("PixelSpacing"), 2) or _floats(ds.get("ImagerPixelSpacing"), 2)
-    thickness = _floats(ds.get("SliceThickness"), 1)
-    measures = functional_item(ds, frame, "PixelMeasuresSequence")
-    if measures is not None:
-        spacing = spacing or _floats(measures.get("PixelSpacing"), 2)
-        thickness = thickness or _floats(measures.get("SliceThickness"), 1)
-    row, column = spacing if spacing else (None, None)
-    return row, column, thickness[0] if thickness else None
-
-
-def _slice_position(ds: Dataset, frame: int) -> float | None:
-    """Position along the slice normal (mm), from the frame's plane position and orientation."""
-    position = _floats(ds.get("ImagePositionPatient"), 3)
-    orientation = _floats(ds.get("ImageOrientationPatient"), 6)
-    if position is None:
-        item = functional_item(ds, frame, "PlanePositionSequence")
-        position = _floats(item.get("ImagePositionPatient"), 3) if item is not None else None
-    if orientation is None:
-        item = functional_item(ds, frame, "PlaneOrientationSequence")
-        orientation = _floats(item.get("ImageOrientationPatient"), 6) if item is not None else None
-    if position is None or orientation is None:
-        return None
-    (rx, ry, rz), (cx, cy, cz) = orientation[:3], orientation[3:]
-    normal = (ry * cz - rz * cy, rz * cx - rx * cz, rx * cy - ry * cx)
-    if not any(normal):
-        return None
-    return float(sum(n * p for n, p in zip(normal, position, strict=True)))
-
-
 def _truncated(ds: Dataset, size: int) -> bool:
     """Whether the file ends inside the value of its last element (pixel data, usually).
 
@@ -365,7 +321,7 @@ def _frame_rows(ds: Dataset, path: str) -> list[tuple[Any, ...]]:
     }
     rows = []
     for frame in range(frames):
-        spacing_row, spacing_col, thickness = _spacing(ds, frame)
+        spacing_row, spacing_col, thickness = frame_spacing(ds, frame)
         values = {
             **common,
             "path": path,
@@ -375,7 +331,7 @@ def _frame_rows(ds: Dataset, path: str) -> list[tuple[Any, ...]]:
             "spacing_col": spacing_col,
             "slice_thickness": thickness,
             "transfer_syntax": transfer_syntax,
-            "slice_position": _slice_position(ds, frame),
+            "slice_position": slice_position(ds, frame),
         }
         rows.append(tuple(values[column] for column in IMAGE_COLUMNS))
     return rows

@@ -35,9 +35,10 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 20.0, interval: f
     return bool(predicate())
 
 
-def make_settings(tmp_path: Path, **sections: dict[str, Any]) -> Settings:
-    """Shipped defaults, with a private data folder, free ports and the given section overrides."""
-    base: dict[str, dict[str, Any]] = {
+def make_settings(tmp_path: Path, **sections: Any) -> Settings:
+    """Shipped defaults, with a private data folder, free ports and the given section overrides
+    (a mapping is merged into the section, a list such as ``destinations`` replaces it)."""
+    base: dict[str, Any] = {
         "node": {"data_dir": tmp_path / "data", "host": "127.0.0.1", "port": free_port(),
                  "quiet_period_s": 1.0, "min_free_disk_mb": 1},
         "http": {"port": free_port()},
@@ -45,7 +46,7 @@ def make_settings(tmp_path: Path, **sections: dict[str, Any]) -> Settings:
         "logging": {"json": False, "level": "WARNING"},
     }
     for name, values in sections.items():
-        base[name] = {**base.get(name, {}), **values}
+        base[name] = {**base.get(name, {}), **values} if isinstance(values, dict) else values
     return load_settings(None, **base)
 
 

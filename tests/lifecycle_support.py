@@ -47,9 +47,11 @@ def run_cli(*args: str, env: dict[str, str], timeout: float = 60) -> subprocess.
 
 
 @contextmanager
-def worker_process(settings: Settings, log: Path, concurrency: int = 1) -> Iterator[subprocess.Popen[bytes]]:
-    """A real ``pacsnode worker`` (Celery, prefork) on the node's broker, stopped on exit."""
-    env = cli_env(settings)
+def worker_process(settings: Settings, log: Path, concurrency: int = 1,
+                   **env_extra: str) -> Iterator[subprocess.Popen[bytes]]:
+    """A real ``pacsnode worker`` (Celery, prefork) on the node's broker, stopped on exit; ``env_extra``
+    are further ``PACSNODE_*`` settings of the worker alone."""
+    env = cli_env(settings, **env_extra)
     name = f"lifecycle-{uuid.uuid4().hex[:8]}@localhost"
     with log.open("wb") as out:
         process = subprocess.Popen([*CLI, "worker", "--concurrency", str(concurrency), "--name", name],

@@ -12,7 +12,7 @@ from lifecycle_support import rows, state_of, study
 from pydicom.uid import generate_uid
 
 from node.broker import connection
-from node.messages import JobState, ReportMessage
+from node.messages import JobState, ReportMessage, ResultFile, ResultKind
 from workers.reporting import publish_report
 
 
@@ -33,7 +33,9 @@ def test_results_and_non_images_never_reopen_a_finished_study(
         publish_report(conn, node.settings, ReportMessage(job_id=job.job_id, state=JobState.PROCESSING))
         publish_report(conn, node.settings, ReportMessage(
             job_id=job.job_id, state=JobState.DONE, findings={"abnormal": 0.91},
-            result_sop_uids=[sr.SOPInstanceUID, seg.SOPInstanceUID, produced_image_uid]))
+            results=[ResultFile(path=f"{uid}/x/{u}.dcm", sop_uid=u, sop_class_uid=c, kind=k) for u, c, k in (
+                (sr.SOPInstanceUID, sr.SOPClassUID, ResultKind.SR), (seg.SOPInstanceUID, seg.SOPClassUID, ResultKind.SEG),
+                (produced_image_uid, f.DX_IMAGE, ResultKind.SC))]))
     assert wait_until(lambda: state_of(node.index, uid) == "done", timeout=10)
     done = study(node.index, uid)
     assert done.version == 1

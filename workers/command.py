@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -33,7 +34,7 @@ def worker(
     )
     if not pipelines:
         raise typer.BadParameter("no pipelines to serve: give --queues or routing rules", param_hint="--queues")
-    app = create_app(settings)
+    app = create_app(settings, pipelines)
     app.worker_main(argv=[
         "worker",
         "--pool=prefork",
@@ -44,3 +45,29 @@ def worker(
         "--without-mingle",
         "--without-gossip",
     ])
+
+
+def demo(
+    out: Annotated[Path, typer.Option(help="work folder: phantoms, models (reused next time), node data, results")] = Path(
+        "pacsnode-demo"),
+    quick: Annotated[bool, typer.Option("--quick", help="tiny models and one study per family (a smoke run)")] = False,
+) -> None:
+    """Phantom studies through the whole node on embedded defaults: models built once (short SwAV pretraining
+    + finetuning), node + worker + a local PACS started, studies sent, findings printed; exits 0 when every
+    study's results reached the local PACS."""
+    from rich.console import Console
+
+    from node.logs import configure_logging
+    from workers.demo import DemoPlan, run_demo
+
+    settings = load_settings(None)
+    configure_logging(settings.logging.model_copy(update={"level": "WARNING", "json_format": False}))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # piped: keep file paths and findings on one line each
+    started = time.perf_counter()
+    ok = run_demo(out.resolve(), DemoPlan.quick() if quick else DemoPlan(), console)
+    console.print(f"demo {'complete' if ok else 'INCOMPLETE'} in {time.perf_counter() - started:.0f} s; "
+                  f"results under {out / 'destination'}")
+    if not ok:
+        raise typer.Exit(1)

@@ -1,0 +1,32 @@
+"""``pacsnode demo --quick``: the whole product end to end, as a user runs it (a real subprocess)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pydicom
+from pydicom.uid import Comprehensive3DSRStorage
+
+SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
+
+
+def test_quick_demo_delivers_every_study_and_reuses_its_models(tmp_path: Path) -> None:
+    command = [sys.executable, "-c", "from node.cli import main; main()", "demo", "--quick", "--out", str(tmp_path)]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "demo complete" in first.stdout
+    for task in ("cxr-abnormality", "ct-hemorrhage", "mr-metastasis"):
+        assert f"{task}@1:" in first.stdout
+        assert (tmp_path / "models" / task / "1" / "card.yaml").is_file()
+    delivered = [pydicom.dcmread(p, stop_before_pixels=True) for p in (tmp_path / "destination").rglob("*.dcm")]
+    studies = {str(ds.StudyInstanceUID) for ds in delivered}
+    srs = [ds for ds in delivered if ds.SOPClassUID == Comprehensive3DSRStorage]
+    assert len(studies) == 3 and len(srs) == 3
+    assert all(ds.SOPClassUID in (Comprehensive3DSRStorage, SEG_STORAGE) for ds in delivered)
+
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "models: reusing cxr-abnormality@1, ct-hemorrhage@1, mr-metastasis@1" in again.stdout
+    assert not (tmp_path / "models" / "cxr-abnormality" / "2").exists()
