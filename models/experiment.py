@@ -851,6 +851,7 @@ def run_paper_experiment(
                         console.print(f"{name}: test {record['test']['metric']} "
                                       f"{_fmt(record['test']['headline'])}, robustness drop "
                                       f"{_fmt(record['robustness_drop_mean'])}")
+    probe = _probe(run, frozen, encoder_dir)
     wall = time.perf_counter() - started
     timings = _accumulate_timings(out, run, wall)
 
@@ -860,11 +861,38 @@ def run_paper_experiment(
     shown = command or ("pacsnode experiment paper" + (" --quick" if quick else "") + f" --out {out}"
                         + (f" --device {device}" if device != "cpu" else ""))
     report = write_experiment_report(out, target, settings=chosen, frozen=frozen, disjoint=disjoint,
-                                     pretrain=pretrain_summary, timings=timings, command=shown, device=device)
+                                     pretrain=pretrain_summary, timings=timings, command=shown, device=device,
+                                     probe=probe)
     console.print(f"report: {report['markdown']}")
     return {"out": str(out), "report": report, "frozen": frozen, "disjointness": disjoint,
             "counters": vars(run.counters), "wall_s": wall, "complete": report["complete"] and not stopped_early,
             "stopped_by_budget": stopped_early, "summary": report["summary"]}
+
+
+def _probe(run: _Run, frozen: dict[str, Any], encoder_dir: Path) -> dict[str, Any]:
+    """Linear probes on frozen features, pretrained vs random init, per task (cached in ``probe.json``)."""
+    from models.experiment_probe import probe_auc
+
+    path = run.out / "probe.json"
+    if path.is_file():
+        cached: dict[str, Any] = _read_json(path)
+        return cached
+    spec = EncoderSpec(arch="resnet18", in_channels=1)
+    device = torch.device(run.device)
+    tasks: dict[str, Any] = {}
+    with run.phase("probe"):
+        for task in run.settings.tasks:
+            bundle = _bundle(run, family(task), frozen["tasks"][task]["candidate"])
+            torch.manual_seed(CALIBRATION_SEED)
+            encoders = {"random init": Encoder(spec), "pretrained": load_encoder(encoder_dir, expect=spec)[0]}
+            tasks[task] = {name: probe_auc(encoder, bundle.data["train"], bundle.data["test"], bundle.inputs,
+                                           bundle.spec.kind, device) for name, encoder in encoders.items()}
+            run.console.print(f"probe {task}: " + ", ".join(f"{k} {_fmt(v['auc'])}" for k, v in tasks[task].items()))
+    probe = {"tasks": tasks, "written": _now(),
+             "method": "logistic regression (L2 on standardised pooled features, L-BFGS) fitted on the full training "
+                       "split's samples, AUC on the test split's samples (image / slice level)"}
+    _write_json(path, probe)
+    return probe
 
 
 def _fmt(value: float | None) -> str:

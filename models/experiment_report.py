@@ -360,6 +360,23 @@ def _reasons(settings: ExperimentSettings, pretrain: Mapping[str, Any]) -> list[
     ]
 
 
+def _probe_lines(probe: Mapping[str, Any]) -> list[str]:
+    """The frozen-feature probe: did SwAV learn what the findings need, before any finetuning?"""
+    rows = []
+    for task, arms in probe["tasks"].items():
+        random, pretrained = arms["random init"]["auc"], arms["pretrained"]["auc"]
+        delta = pretrained - random if _n(random) != "n/a" and _n(pretrained) != "n/a" else None
+        rows.append([task, _n(random), _n(pretrained), "n/a" if delta is None else f"{delta:+.3f}",
+                     str(arms["pretrained"].get("test", ""))])
+    return ["### Measured: what the frozen encoder knows", "",
+            "A linear probe on frozen, pooled encoder features (" + str(probe["method"]) + "): the pretrained "
+            "encoder against the same network at its random initialisation, where every scratch arm starts. "
+            "Pretrained well above random means the archive taught the encoder something the finding needs; "
+            "equal means it did not, and no finetuning recipe can make pretraining help.", "",
+            *_table(["task", "probe AUC, random init", "probe AUC, pretrained", "difference", "test samples"], rows),
+            ""]
+
+
 def _estimate_full(arms: Sequence[Mapping[str, Any]], pretrain: Mapping[str, Any], full: ExperimentSettings,
                    measured: ExperimentSettings) -> dict[str, Any] | None:
     """A rough full-run time on this machine from this run's costs (same input size and batch).
@@ -478,6 +495,7 @@ def _plot_bars(path: Path, summary: Mapping[str, Any], field: str, ylabel: str) 
 def write_experiment_report(
     out: Path, report_dir: Path, *, settings: ExperimentSettings, frozen: Mapping[str, Any],
     disjoint: Mapping[str, Any], pretrain: Mapping[str, Any], timings: Mapping[str, Any], command: str, device: str,
+    probe: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write ``report.md``, ``results.json`` and the PNG plots into ``report_dir``; returns paths and summary."""
     report_dir.mkdir(parents=True, exist_ok=True)
@@ -532,6 +550,8 @@ def write_experiment_report(
     if not all(helps.values()):
         lines += ["Where pretraining did not help, the likely reasons (the data were not changed after freezing):",
                   "", *_reasons(settings, pretrain), ""]
+    if probe:
+        lines += _probe_lines(probe)
     lines += ["## Claims side by side", "", *_claims_table(summary, judged)]
 
     lines += ["## Setup", "",

@@ -15,8 +15,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pydicom
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from models.experiment import (
@@ -32,6 +34,7 @@ from models.experiment import (
 )
 from models.experiment_command import app
 from models.experiment_report import steps_to_target, summarise, tally, write_experiment_report
+from models.metrics import roc_auc
 from node.synth import generate
 
 # The tiny run trains ~20 small models end to end (about a minute on 2 idle cores, minutes on a busy
@@ -98,6 +101,9 @@ def test_second_run_retrains_nothing(tiny_run: dict[str, Any]) -> None:
 def test_report_has_every_task_and_claim(tiny_run: dict[str, Any]) -> None:
     report = tiny_run["again"]["report"]
     text = Path(report["markdown"]).read_text()
+    probe = json.loads((tiny_run["out"] / "probe.json").read_text())
+    assert set(probe["tasks"]) == set(TASKS)
+    assert "what the frozen encoder knows" in text
     for task in TASKS:
         assert f"### {task}" in text
     for claim in PAPER_CLAIMS.values():
@@ -217,3 +223,20 @@ def test_synth_patient_prefix_keeps_sets_apart(tmp_path: Path) -> None:
     assert a.PixelData == b.PixelData and str(a.PatientName) == "PHANTOM^0001" != str(b.PatientName)
     with pytest.raises(ValueError, match="patient prefix"):
         generate(tmp_path / "c", 1, "cxr", 5, patient_prefix="P H", **small)  # type: ignore[arg-type]
+
+
+def test_linear_probe_matches_scikit_learn_and_separates_what_is_separable() -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    from models.experiment_probe import L2, fit_probe
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 12, generator=generator)
+    y = (x[:, 0] + 0.5 * x[:, 3] + 0.3 * torch.randn(300, generator=generator) > 0).float()
+    mean, std, w, b = fit_probe(x[:200], y[:200])
+    ours = ((x[200:] - mean) / std) @ w + b
+    z = ((x[:200] - mean) / std).numpy()
+    # scikit-learn's C is the inverse of the summed-loss L2 weight: our loss is a mean, so C = 1 / (2 * L2 * n).
+    reference = LogisticRegression(C=1 / (2 * L2 * 200), tol=1e-8, max_iter=1000).fit(z, y[:200].numpy())
+    assert np.allclose(w.numpy(), reference.coef_[0], atol=2e-3)
+    assert roc_auc(y[200:].numpy(), ours.numpy()) > 0.9
