@@ -266,10 +266,17 @@ class StorageSCP:
         if str(request.AffectedSOPClassUID) != header.sop_class_uid:
             return self._refuse(encoded, DATASET_MISMATCH, "SOPClassUID differs from the request's", peer)
         kind = header.kind
-        if kind is InstanceKind.IMAGE and self.index.is_produced(header.key.sop_uid):
+        produced = self.index.is_produced(header.key.sop_uid)
+        if produced:
             kind = InstanceKind.RESULT
         try:
-            outcome, path = self.store.write(header.key, encoded)
+            own = self.store.path_of(header.key)
+            if produced and own.is_file():
+                # One of our results forwarded back by the PACS: the original in the store is ours;
+                # the PACS's copy may carry another file meta or transfer syntax, which is no conflict.
+                outcome, path = StoreOutcome.DUPLICATE, own
+            else:
+                outcome, path = self.store.write(header.key, encoded)
             if outcome is StoreOutcome.CONFLICT:
                 return self._kept_aside(path, header.key, peer)
             received = Received(

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from pydicom.dataset import Dataset
+from scipy import ndimage
 from torch import nn
 
 from models.card import ModelCard
@@ -147,13 +148,15 @@ def _segmentation(model: LoadedModel, selected: SelectedSeries, probs: torch.Ten
     grid = np.stack([mask_output(probs[i], item.header, model.card.input, frame=item.frame)
                      for i, item in enumerate(selected.slices)])
     labels, found = label_lesions(grid >= output.threshold, selected.spacing_mm())
+    # One pass over the volume for every lesion's peak (not one boolean mask per lesion: an untrained
+    # or noisy model can produce hundreds of specks).
+    peaks = ndimage.maximum(grid, labels, index=[lesion.label for lesion in found]) if found else []
     lesions = tuple(
         LesionOutcome(number=lesion.label, voxels=lesion.voxels, volume_mm3=lesion.volume_mm3,
-                      max_probability=float(grid[labels == lesion.label].max()),
-                      slices=tuple(range(*lesion.bbox[0])))
-        for lesion in found)
-    touched = sorted({i for lesion in lesions for i in lesion.slices
-                      if (labels[i] == lesion.number).any()})
+                      max_probability=float(peak), slices=tuple(range(*lesion.bbox[0])))
+        for lesion, peak in zip(found, peaks, strict=True))
+    # A 26-connected lesion covers every slice of its extent, so its bounding box gives its slices.
+    touched = sorted({i for lesion in lesions for i in lesion.slices})
     per_slice = grid.reshape(len(grid), -1).max(axis=1)
     evidence = (_distinct([selected.slices[i].header for i in touched]) if touched
                 else _evidence(selected.slices, per_slice, output.threshold))

@@ -7,21 +7,13 @@ and the whole benchmark just to read DICOM headers - that would inflate the inde
 
 from __future__ import annotations
 
-import signal
 import sys
 from pathlib import Path
-from types import FrameType
-
-
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM unwinds like Ctrl-C, so temporary shards and indexes are removed."""
-    raise KeyboardInterrupt
-
 
 if __name__ == "__main__":
     if not __package__:  # run as ``python bench/pretrain``: make the repository root importable
         sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from bench.entry import run
     from bench.pretrain.run import main
 
-    signal.signal(signal.SIGTERM, _terminate)
-    sys.exit(main())
+    run(main)
