@@ -252,6 +252,9 @@ class ExportSettings(Strict):
 
 class WorkerSettings(Strict):
     embedded: bool = Field(default=True, description="pacsnode serve starts one worker process itself")
+    embedded_log: Path | None = Field(
+        default=None, description="the embedded worker's output goes here (appended); unset: the node's console"
+    )
     concurrency: int = Field(default=1, ge=1, description="processes per worker; one per GPU")
     device: str = Field(default="auto", description="auto, cpu, cuda, cuda:N")
     max_attempts: int = Field(default=3, ge=1, description="a study that kills its worker this often ends failed")

@@ -46,8 +46,15 @@ class EmbeddedWorker:
 
     def _supervise(self) -> None:
         backoff = 1.0
+        log = self._settings.workers.embedded_log
         while not self._stop.is_set():
-            self._process = subprocess.Popen(self._command(), env=self._environment())
+            if log is None:
+                self._process = subprocess.Popen(self._command(), env=self._environment())
+            else:
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with log.open("ab") as out:  # the child keeps its own descriptor
+                    self._process = subprocess.Popen(self._command(), env=self._environment(), stdout=out,
+                                                     stderr=subprocess.STDOUT)
             self._log.info("embedded worker started", pid=self._process.pid)
             code = self._process.wait()
             if self._stop.is_set():

@@ -31,3 +31,5 @@ def configure_logging(settings: LoggingSettings) -> None:
     )
     logging.basicConfig(level=max(level, logging.WARNING), stream=sys.stderr)
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # kombu warns on every filesystem-transport connection (the embedded broker has no hostname by design).
+    logging.getLogger("kombu.connection").setLevel(logging.ERROR)

@@ -151,7 +151,8 @@ def demo_settings(work: Path, models_dir: Path, pacs: LocalPacs) -> Settings:
     """Embedded defaults (no Redis: the embedded broker and worker), on loopback, free ports."""
     return load_settings(None, node={"data_dir": work / "node", "host": "127.0.0.1", "port": 0, "quiet_period_s": 2.0,
                                      "min_free_disk_mb": 64},
-                         http={"port": 0}, workers={"embedded": True, "models_dir": models_dir},
+                         http={"port": 0}, workers={"embedded": True, "models_dir": models_dir,
+                                                         "embedded_log": work / "node" / "worker.log"},
                          destinations=[{"name": "demo-pacs", "host": "127.0.0.1", "port": pacs.port,
                                         "ae_title": "DEMOPACS"}],
                          logging={"json": False, "level": "WARNING"})
@@ -182,7 +183,8 @@ def run_demo(work: Path, plan: DemoPlan, console: Console, on_node: Callable[[No
             deadline = sent_at + plan.timeout_s
             while time.monotonic() < deadline and not all(_delivered(node.index, uid) for uid in studies):
                 time.sleep(0.5)
-            console.print(f"results back {time.monotonic() - sent_at:.1f} s after the last study was sent")
+            console.print(f"results back {time.monotonic() - sent_at:.1f} s after the last study was sent "
+                          f"(worker log: {work / 'node' / 'worker.log'})")
             ok = _print_results(node.index, studies, pacs, console)
         finally:
             node.stop()
