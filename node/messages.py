@@ -73,6 +73,8 @@ class ReportedFinding(BaseModel):
 
     probability: float = Field(ge=0, le=1)
     present: bool
+    lesions: int | None = Field(default=None, ge=0, description="segmentation models: lesions found")
+    volume_mm3: float | None = Field(default=None, ge=0, description="segmentation models: their total volume")
 
 
 class ReportMessage(BaseModel):

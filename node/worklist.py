@@ -128,6 +128,8 @@ class Finding:
     name: str
     probability: float | None
     present: bool | None
+    lesions: int | None = None
+    volume_mm3: float | None = None
 
     def text(self) -> str:
         parts = [self.name]
@@ -135,10 +137,16 @@ class Finding:
             parts.append(f"{self.probability:.2f}")
         if self.present is not None:
             parts.append("PRESENT" if self.present else "ABSENT")
+        if self.lesions:
+            parts.append(f"({self.lesions} lesion{'s' if self.lesions > 1 else ''}, "
+                         f"{(self.volume_mm3 or 0.0) / 1000:.2f} mL)")
         return " ".join(parts)
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "probability": self.probability, "present": self.present}
+        out: dict[str, Any] = {"name": self.name, "probability": self.probability, "present": self.present}
+        if self.lesions is not None:  # segmentation models only
+            out |= {"lesions": self.lesions, "volume_mm3": self.volume_mm3}
+        return out
 
 
 def parse_findings(raw: str) -> tuple[Finding, ...]:
@@ -158,11 +166,15 @@ def parse_findings(raw: str) -> tuple[Finding, ...]:
         elif isinstance(value, dict):
             probability = value.get("probability")
             present = value.get("present")
+            lesions = value.get("lesions")
+            volume = value.get("volume_mm3")
             findings.append(Finding(
                 name,
                 float(probability) if isinstance(probability, int | float) and not isinstance(probability, bool)
                 else None,
                 present if isinstance(present, bool) else None,
+                lesions if isinstance(lesions, int) and not isinstance(lesions, bool) else None,
+                float(volume) if isinstance(volume, int | float) and not isinstance(volume, bool) else None,
             ))
     return tuple(findings)
 

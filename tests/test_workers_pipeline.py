@@ -6,6 +6,7 @@ The models are untrained (``workers_support``): these tests check the flow and t
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -108,6 +109,9 @@ def test_each_family_flows_to_valid_results_at_the_destination(start_node, clean
     for task in TASKS:
         (job,) = [j for uid in by_study for j in node.index.jobs_of(uid) if j.pipeline == task]
         assert job.state == "done"
+    (findings,) = rows(node.settings.node.index_path, "SELECT findings FROM jobs WHERE pipeline='mr-metastasis'")
+    metastasis = json.loads(findings["findings"])["metastasis"]
+    assert isinstance(metastasis["lesions"], int) and metastasis["present"] == (metastasis["lesions"] > 0)
 
 
 def test_worker_killed_mid_task_still_delivers_one_identical_result_set(

@@ -346,6 +346,9 @@ def test_findings_and_export_summaries_read_compactly() -> None:
     assert findings == (Finding("any", 0.91, True), Finding("bleed", 0.12, None), Finding("edema", None, False))
     assert [x.text() for x in findings] == ["any 0.91 PRESENT", "bleed 0.12", "edema ABSENT"]
     assert parse_findings("not json") == () and parse_findings("[1]") == ()
+    (metastasis,) = parse_findings(json.dumps({"metastasis": {"probability": 0.97, "present": True, "lesions": 2,
+                                                              "volume_mm3": 1234.5}}))
+    assert metastasis.text() == "metastasis 0.97 PRESENT (2 lesions, 1.23 mL)"
 
     def row(destination: str, state: str, attempts: int = 1, status: str = "0x0000 Success") -> ExportRow:
         return ExportRow(job_id="j", destination=destination, sop_uid=f"1.{attempts}.{state}", kind="sr",

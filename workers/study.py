@@ -88,8 +88,12 @@ class StudyProcessor:
         current_sr = run_uids(outcome, self._context).uid("sr")
         results = build_results(outcome, self._context, previous=list(self._previous_srs(job, model, current_sr)))
         written = self._write(job, dict(results.all()))
+        lesions = outcome.segmentation.lesions if outcome.segmentation is not None else None
         findings: dict[str, ReportedFinding | float] = {
-            f.name: ReportedFinding(probability=round(f.probability, 4), present=f.present) for f in outcome.findings}
+            f.name: ReportedFinding(probability=round(f.probability, 4), present=f.present,
+                                    lesions=None if lesions is None else len(lesions),
+                                    volume_mm3=None if lesions is None else round(sum(x.volume_mm3 for x in lesions), 1))
+            for f in outcome.findings}
         return ReportMessage(job_id=job.job_id, state=JobState.DONE, results=written, findings=findings,
                              reason=f"{model.card.name}@{model.card.version}")
 
