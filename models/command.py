@@ -133,6 +133,27 @@ def register_cmd(
     Console().print(f"registered at {target}")
 
 
+@models_app.command("import-labels")
+def import_labels_cmd(
+    labels: Annotated[Path, typer.Option("--csv", help="The data set's label file (e.g. RSNA stage_2_train.csv).")],
+    data: Annotated[Path, typer.Option(help="Folder of the DICOM images the labels are for.")],
+    out: Annotated[Path, typer.Option(help="Folder for labels.csv and slice_labels.csv.")],
+    kind: Annotated[str, typer.Option("--format", help="rsna-ich (RSNA Intracranial Hemorrhage Detection).")] = "rsna-ich",
+) -> None:
+    """Turn a public data set's labels into the CSVs `pacsnode finetune` reads."""
+    from models.label_import import FORMATS, import_rsna_ich
+
+    if kind not in FORMATS:
+        raise _fail(f"--format {kind!r}: known formats are {', '.join(FORMATS)}")
+    try:
+        summary = import_rsna_ich(labels, data, out)
+    except (ValueError, FileNotFoundError) as exc:
+        raise _fail(str(exc)) from None
+    Console().print(f"{summary.studies} studies, {summary.slices} labelled images -> {summary.labels_csv}, "
+                    f"{summary.slice_labels_csv}; {summary.labelled_not_in_data} label rows' images not in {data}, "
+                    f"{summary.images_without_labels} images without labels")
+
+
 def evaluate(
     model: Annotated[str, typer.Option(help="NAME or NAME@VERSION from the registry.")],
     data: Annotated[Path, typer.Option(help="Folder of DICOM studies to evaluate on.")],
