@@ -698,6 +698,9 @@ class StudyIndex:
             ).rowcount
             if not deleted:
                 return False
+            # Our results' UIDs go with their jobs: a purged study's results are files no longer kept.
+            conn.execute("DELETE FROM produced WHERE job_id IN (SELECT job_id FROM jobs WHERE study_uid=?)",
+                         (study_uid,))
             for table in ("series", "instances", "jobs", "mpps", "exports"):
                 conn.execute(f"DELETE FROM {table} WHERE study_uid=?", (study_uid,))
             retire_files()

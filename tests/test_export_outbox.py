@@ -210,6 +210,7 @@ def test_a_destination_down_at_first_gets_the_results_once_it_is_up(
     assert apply_purge(node.index, node.store, planned)[0] == 1
     assert node.index.exports_of(uid) == []
     assert rows(node.settings.node.index_path, "SELECT * FROM exports") == []
+    assert rows(node.settings.node.index_path, "SELECT * FROM produced") == []  # forgotten with their jobs
 
 
 def test_back_off_survives_a_node_restart(
