@@ -10,7 +10,6 @@ publishing is the dispatcher's business.
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 
 import structlog
@@ -20,23 +19,16 @@ from node.headers import InstanceKind
 from node.index import PRIORITY_VALUE, JobSpec, StudyIndex, StudyRow, job_id_for
 from node.messages import DispatchMessage, SeriesRef
 from node.routing import Route, expectation_met, route
+from node.service_thread import ServiceThread
 
 
-class Assembler:
+class Assembler(ServiceThread):
     def __init__(self, settings: Settings, index: StudyIndex, poll_s: float = 0.25) -> None:
+        super().__init__("assembler", join_timeout_s=10)
         self._settings = settings
         self._index = index
         self._poll_s = poll_s
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="assembler", daemon=True)
         self._log = structlog.get_logger("pacsnode.assembler")
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=10)
 
     def _run(self) -> None:
         while not self._stop.wait(self._poll_s):

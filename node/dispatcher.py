@@ -9,7 +9,6 @@ mark re-publishes the same job id, which the idempotent workers absorb.
 
 from __future__ import annotations
 
-import threading
 import time
 
 import structlog
@@ -23,28 +22,21 @@ from node.broker import REDIS_PRIORITY, make_celery, pipeline_queue
 from node.index import PRIORITY_NAME, JobRow, StudyIndex
 from node.messages import PROCESS_STUDY_TASK, DispatchMessage, JobState, ReportMessage
 from node.metrics import NodeMetrics
+from node.service_thread import ServiceThread
 
 BROKER_ERRORS = (OperationalError, RedisError, ConnectionError, OSError, TimeoutError)
 
 
-class Dispatcher:
+class Dispatcher(ServiceThread):
     def __init__(self, settings: Settings, index: StudyIndex, metrics: NodeMetrics, poll_s: float = 0.25,
                  max_backoff_s: float = 10.0) -> None:
+        super().__init__("dispatcher")
         self._index = index
         self._metrics = metrics
         self._poll_s = poll_s
         self._max_backoff_s = max_backoff_s
         self._app: Celery = make_celery(settings, name="pacsnode-dispatcher")
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="dispatcher", daemon=True)
         self._log = structlog.get_logger("pacsnode.dispatcher")
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=15)
 
     def _run(self) -> None:
         backoff = self._poll_s

@@ -21,7 +21,6 @@ C-STORE of the same SOP Instance UID as a duplicate.
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -32,6 +31,7 @@ from config.settings import Destination, ExportSettings, Settings
 from node.index import DueExport, ExportFailure, ExportKey, StudyIndex
 from node.metrics import NodeMetrics
 from node.send import SendReport, client_tls_args, scan, send_files
+from node.service_thread import ServiceThread
 from node.store import StudyStore
 
 SUCCESS_STATUS = "0x0000 Success"
@@ -43,24 +43,16 @@ def backoff_s(policy: ExportSettings, attempts: int) -> float:
     return float(min(policy.base_backoff_s * 2.0 ** min(attempts, MAX_EXPONENT), policy.max_backoff_s))
 
 
-class Exporter:
+class Exporter(ServiceThread):
     def __init__(self, settings: Settings, index: StudyIndex, store: StudyStore, metrics: NodeMetrics) -> None:
+        super().__init__("exporter")
         self._policy = settings.exports
         self._calling_ae = settings.node.ae_title
         self._destinations = {dest.name: dest for dest in settings.destinations}
         self._index = index
         self._store = store
         self._metrics = metrics
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="exporter", daemon=True)
         self._log = structlog.get_logger("pacsnode.exports")
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=15)
 
     def _run(self) -> None:
         while not self._stop.wait(self._policy.poll_s):

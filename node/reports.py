@@ -7,7 +7,6 @@ the index committed it, so a node crash redelivers it (applying a report twice i
 from __future__ import annotations
 
 import sqlite3
-import threading
 import time
 from typing import Any
 
@@ -21,23 +20,16 @@ from node.dispatcher import BROKER_ERRORS
 from node.index import StudyIndex
 from node.messages import ReportMessage
 from node.metrics import NodeMetrics
+from node.service_thread import ServiceThread
 
 
-class ReportConsumer:
+class ReportConsumer(ServiceThread):
     def __init__(self, settings: Settings, index: StudyIndex, metrics: NodeMetrics) -> None:
+        super().__init__("report-consumer")
         self._settings = settings
         self._index = index
         self._metrics = metrics
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="report-consumer", daemon=True)
         self._log = structlog.get_logger("pacsnode.reports")
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=15)
 
     def _run(self) -> None:
         backoff = 0.5
