@@ -16,6 +16,7 @@ from node.worklist import (
     StudyEntry,
     StudyQuery,
     duration_text,
+    retry_at,
     short_time,
 )
 
@@ -123,7 +124,7 @@ def render_study(detail: StudyDetail) -> str:
         + _table(("destination", "SOP Instance UID", "kind", "state", "attempts", "last status", "next attempt",
                   "sent"),
                  [(e.destination, e.sop_uid, e.kind, e.state, e.attempts, e.last_status,
-                   short_time(e.next_attempt_at), short_time(e.sent_at)) for e in detail.exports])
+                   short_time(retry_at(e)), short_time(e.sent_at)) for e in detail.exports])
     )
     return _page(f"study {study.study_uid}", body)
 

@@ -266,13 +266,13 @@ def summarise_exports(rows: Sequence[ExportRow]) -> tuple[ExportSummary, ...]:
             destination=destination, objects=len(items), sent=len(sent),
             state=worst.state if worst is not None else ExportState.SENT.value,
             last_status=worst.last_status if worst is not None else "",
-            next_attempt_at=_retry_at(worst) if worst is not None else None,
+            next_attempt_at=retry_at(worst) if worst is not None else None,
             sent_at=max((r.sent_at for r in sent if r.sent_at is not None), default=None),
         ))
     return tuple(summaries)
 
 
-def _retry_at(row: ExportRow) -> float | None:
+def retry_at(row: ExportRow) -> float | None:
     """When a pending object is tried again, once it has been tried at all."""
     return row.next_attempt_at if row.state == ExportState.PENDING.value and row.attempts else None
 
@@ -344,26 +344,12 @@ class SeriesEntry:
                 "kind": self.kind, "instance_count": self.instance_count}
 
 
-@dataclass(frozen=True)
-class ExportEntry:
-    """One object queued for export, as ``StudyIndex.exports_of`` has it."""
-
-    job_id: str
-    destination: str
-    sop_uid: str
-    kind: str
-    state: str
-    attempts: int
-    last_status: str
-    next_attempt_at: float | None
-    sent_at: float | None
-    updated_at: float
-
-    def to_json(self) -> dict[str, Any]:
-        return {"job_id": self.job_id, "destination": self.destination, "sop_uid": self.sop_uid,
-                "kind": self.kind, "state": self.state, "attempts": self.attempts,
-                "last_status": self.last_status or None, "next_attempt_at": iso_time(self.next_attempt_at),
-                "sent_at": iso_time(self.sent_at), "updated_at": iso_time(self.updated_at)}
+def export_json(row: ExportRow) -> dict[str, Any]:
+    """One export object as the API shows it (the retry time only while it is pending)."""
+    return {"job_id": row.job_id, "destination": row.destination, "sop_uid": row.sop_uid, "kind": row.kind,
+            "state": row.state, "attempts": row.attempts, "last_status": row.last_status or None,
+            "next_attempt_at": iso_time(retry_at(row)), "sent_at": iso_time(row.sent_at),
+            "updated_at": iso_time(row.updated_at)}
 
 
 @dataclass(frozen=True)
@@ -373,11 +359,11 @@ class StudyDetail:
     study: StudyEntry
     series: tuple[SeriesEntry, ...]
     jobs: tuple[PipelineResult, ...]
-    exports: tuple[ExportEntry, ...]
+    exports: tuple[ExportRow, ...]
 
     def to_json(self) -> dict[str, Any]:
         return {**self.study.to_json(), "series": [s.to_json() for s in self.series],
-                "jobs": [j.to_json() for j in self.jobs], "export_objects": [e.to_json() for e in self.exports]}
+                "jobs": [j.to_json() for j in self.jobs], "export_objects": [export_json(e) for e in self.exports]}
 
 
 JOB_COLUMNS = ("j.job_id, j.study_uid, j.pipeline, j.version, j.state, j.reason, j.attempts, j.results,"
@@ -456,11 +442,7 @@ class Worklist:
             study=entry,
             series=tuple(SeriesEntry(**dict(s)) for s in series),
             jobs=jobs,
-            exports=tuple(ExportEntry(
-                job_id=e.job_id, destination=e.destination, sop_uid=e.sop_uid, kind=e.kind, state=e.state,
-                attempts=e.attempts, last_status=e.last_status, next_attempt_at=_retry_at(e),
-                sent_at=e.sent_at, updated_at=e.updated_at,
-            ) for e in exports),
+            exports=tuple(exports),
         )
 
     def _entry(self, row: sqlite3.Row, jobs: list[PipelineResult],
