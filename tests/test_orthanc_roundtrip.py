@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import struct
 import subprocess
 import time
@@ -23,7 +22,7 @@ from typing import Any
 
 import pytest
 from conftest import PrivateRedis, free_port, make_settings, wait_until
-from lifecycle_support import worker_process
+from lifecycle_support import stop_process, worker_process
 from workers_support import phantoms, study_files
 
 from models.untrained import install_untrained_models
@@ -141,12 +140,7 @@ def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
         assert wait_until(lambda: process.poll() is None and _answers(server), timeout=30), server.log_tail()
         yield server
     finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 def _dataset_bytes(part10: bytes) -> bytes:
