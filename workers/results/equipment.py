@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from datetime import datetime
+from typing import Any
 
 import highdicom as hd
 from highdicom.coding_schemes import CodingSchemeIdentificationItem
@@ -19,6 +20,7 @@ from pydicom.sr.codedict import codes
 from models.card import ModelCard
 from models.tasks import PRIVATE_SCHEME
 from workers.results.context import MAX_LO, ResultContext
+from workers.results.uids import RunUids
 
 IHE_SCHEME = "99IHE"
 PROCESSING_ALGORITHM = hd.sr.CodedConcept(value="Newcode1", scheme_designator=IHE_SCHEME,
@@ -78,3 +80,19 @@ def coding_schemes(context: ResultContext, used: Iterable[str]) -> list[CodingSc
 def stamp_software_versions(ds: Dataset, context: ResultContext, card: ModelCard) -> None:
     """General Equipment of the object itself; set afterwards: highdicom's parameter takes one version."""
     ds.SoftwareVersions = software_versions(context, card)
+
+
+def identity(context: ResultContext, card: ModelCard, uids: RunUids, role: str, series_number: int,
+             when: datetime, schemes: Iterable[str]) -> dict[str, Any]:
+    """The constructor arguments every result object shares: its UIDs (``<role>-series``, ``<role>``),
+    series, equipment, coding schemes and dates (all from ``when``, so a rebuild is byte-identical)."""
+    return {
+        "series_instance_uid": uids.uid(f"{role}-series"), "series_number": series_number,
+        "sop_instance_uid": uids.uid(role), "instance_number": 1,
+        "manufacturer": context.manufacturer, "manufacturer_model_name": card.name,
+        "software_versions": context.software_version, "institution_name": context.institution_name,
+        "contributing_equipment": [processing_algorithm(context, card, when)],
+        "series_description": series_description(card), "coding_schemes": coding_schemes(context, schemes),
+        "content_date": when.date(), "content_time": when.time(), "series_date": when.date(),
+        "series_time": when.time(),
+    }

@@ -18,10 +18,8 @@ from workers.results.clock import pin_clock, result_moment
 from workers.results.context import ResultContext
 from workers.results.equipment import (
     KO_SERIES_NUMBER,
-    coding_schemes,
     device_observer,
-    processing_algorithm,
-    series_description,
+    identity,
     stamp_software_versions,
 )
 from workers.results.summary import WARNING
@@ -62,22 +60,8 @@ def build_key_objects(
     ko = hd.ko.KeyObjectSelectionDocument(
         evidence=referenced,
         content=content,
-        series_instance_uid=uids.uid("ko-series"),
-        series_number=KO_SERIES_NUMBER,
-        sop_instance_uid=uids.uid("ko"),
-        instance_number=1,
-        manufacturer=context.manufacturer,
-        institution_name=context.institution_name,
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=[processing_algorithm(context, card, when)],
-        series_description=series_description(card),
-        manufacturer_model_name=card.name,
-        software_versions=context.software_version,
-        coding_schemes=coding_schemes(context, []),
-        content_date=when.date(),
-        content_time=when.time(),
-        series_date=when.date(),
-        series_time=when.time(),
+        **identity(context, card, uids, "ko", KO_SERIES_NUMBER, when, []),
     )
     stamp_software_versions(ko, context, card)
     ko.copy_patient_and_study_information(outcome.source_images[0])

@@ -18,9 +18,7 @@ from workers.results.concepts import ABNORMAL_STRUCTURE, coded
 from workers.results.context import MAX_LO, ResultContext
 from workers.results.equipment import (
     SEG_SERIES_NUMBER,
-    coding_schemes,
-    processing_algorithm,
-    series_description,
+    identity,
     stamp_software_versions,
 )
 from workers.results.uids import RunUids
@@ -79,26 +77,12 @@ def build_seg(
         pixel_array=_pixel_array(segmentation, fractional),
         segmentation_type=segmentation_type,
         segment_descriptions=descriptions,
-        series_instance_uid=uids.uid("seg-series"),
-        series_number=SEG_SERIES_NUMBER,
-        sop_instance_uid=uids.uid("seg"),
-        instance_number=1,
-        manufacturer=context.manufacturer,
-        manufacturer_model_name=card.name,
-        software_versions=context.software_version,
         device_serial_number=card.device_uid,  # a model has no serial number; its Device UID is unique
         fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY if fractional else None,
         content_description=f"{card.name} v{card.version} lesions"[:MAX_LO],
         content_label="AIRESULT",
         omit_empty_frames=False,
-        contributing_equipment=[processing_algorithm(context, card, when)],
-        series_description=series_description(card),
-        institution_name=context.institution_name,
-        coding_schemes=coding_schemes(context, [concept.scheme_designator]),
-        content_date=when.date(),
-        content_time=when.time(),
-        series_date=when.date(),
-        series_time=when.time(),
+        **identity(context, card, uids, "seg", SEG_SERIES_NUMBER, when, [concept.scheme_designator]),
     )
     stamp_software_versions(seg, context, card)
     first = segmentation.source_images[0]

@@ -31,10 +31,8 @@ from workers.results.concepts import (
 from workers.results.context import ResultContext
 from workers.results.equipment import (
     SR_SERIES_NUMBER,
-    coding_schemes,
     device_observer,
-    processing_algorithm,
-    series_description,
+    identity,
     stamp_software_versions,
 )
 from workers.results.seg import lesion_label, lesion_tracking_uid
@@ -167,25 +165,11 @@ def build_sr(
     sr = hd.sr.Comprehensive3DSR(
         evidence=_evidence(outcome, seg),
         content=report,
-        series_instance_uid=uids.uid("sr-series"),
-        series_number=SR_SERIES_NUMBER,
-        sop_instance_uid=sop_uid,
-        instance_number=1,
-        manufacturer=context.manufacturer,
         is_complete=True,
         is_final=False,
         is_verified=False,
-        institution_name=context.institution_name,
         previous_versions=list(previous) or None,
-        contributing_equipment=[processing_algorithm(context, card, when)],
-        series_description=series_description(card),
-        manufacturer_model_name=card.name,
-        software_versions=context.software_version,
-        coding_schemes=coding_schemes(context, schemes),
-        content_date=when.date(),
-        content_time=when.time(),
-        series_date=when.date(),
-        series_time=when.time(),
+        **identity(context, card, uids, "sr", SR_SERIES_NUMBER, when, schemes),
     )
     stamp_software_versions(sr, context, card)
     pin_clock(sr, when)

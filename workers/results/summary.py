@@ -18,9 +18,7 @@ from workers.results.clock import pin_clock, result_moment
 from workers.results.context import ResultContext
 from workers.results.equipment import (
     SC_SERIES_NUMBER,
-    coding_schemes,
-    processing_algorithm,
-    series_description,
+    identity,
     stamp_software_versions,
 )
 from workers.results.seg import lesion_label
@@ -83,25 +81,11 @@ def build_summary(outcome: StudyOutcome, context: ResultContext, uids: RunUids) 
         photometric_interpretation=hd.PhotometricInterpretationValues.MONOCHROME2,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
-        series_instance_uid=uids.uid("sc-series"),
-        series_number=SC_SERIES_NUMBER,
-        sop_instance_uid=uids.uid("sc"),
-        instance_number=1,
-        manufacturer=context.manufacturer,
         # highdicom requires an orientation in the patient coordinate system; a text page has none,
         # so the value is emptied below (Patient Orientation is type 2C).
         patient_orientation=("L", "P"),
         transfer_syntax_uid=ExplicitVRLittleEndian,
-        contributing_equipment=[processing_algorithm(context, card, when)],
-        series_description=series_description(card),
-        manufacturer_model_name=card.name,
-        software_versions=context.software_version,
-        institution_name=context.institution_name,
-        coding_schemes=coding_schemes(context, []),
-        content_date=when.date(),
-        content_time=when.time(),
-        series_date=when.date(),
-        series_time=when.time(),
+        **identity(context, card, uids, "sc", SC_SERIES_NUMBER, when, []),
     )
     sc["PatientOrientation"].value = None
     for keyword in ("BodyPartExamined", "Laterality"):
