@@ -83,8 +83,79 @@ class AccessPolicy:
         return False
 
 
-def _ignore_host(host: str) -> None:
+def _ignore_host(host: str, reason: str) -> None:
     """Default for ``NodeServer.on_refused``."""
+
+
+class Refusal:
+    """Why a connection was closed before pynetdicom saw it (the metric's ``reason`` label)."""
+
+    PER_HOST_LIMIT = "per_host_limit"
+    TLS_HANDSHAKE = "tls_handshake"
+    NOT_DICOM = "not_dicom"  # its first bytes are no A-ASSOCIATE-RQ PDU header
+    CLOSED = "closed_before_pdu"  # closed (or silent until the ACSE timeout) before its first PDU
+
+
+A_ASSOCIATE_RQ = 0x01
+PEEK_POLL_S = 0.005
+
+
+def opens_with_association_request(sock: socket.socket, timeout_s: float) -> str | None:
+    """None when the connection's first bytes are an A-ASSOCIATE-RQ PDU header; else the refusal.
+
+    An acceptor's first PDU must be an A-ASSOCIATE-RQ (PS3.8 9.2). The six header bytes are only
+    peeked (``MSG_PEEK``), so pynetdicom reads them as usual. Checking them here, in the
+    connection's own thread before pynetdicom's state machine starts, means a port scan, an HTTP
+    request or a TLS hello on the plain port is closed at once: pynetdicom would answer A-ABORT and
+    then read the rest of the bytes as PDUs, where random bytes soon announce a PDU of megabytes
+    and the read blocks, slot held, until the network timeout.
+    """
+    deadline = time.monotonic() + timeout_s
+    saved = sock.gettimeout()
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return Refusal.CLOSED
+            sock.settimeout(left)
+            try:
+                head = sock.recv(6, socket.MSG_PEEK)
+            except OSError:  # timed out or reset
+                return Refusal.CLOSED
+            if not head:
+                return Refusal.CLOSED
+            if head[0] != A_ASSOCIATE_RQ or (len(head) > 1 and head[1] != 0):
+                return Refusal.NOT_DICOM
+            if len(head) == 6:
+                return None
+            time.sleep(PEEK_POLL_S)  # part of the header is here: the rest is on its way
+    finally:
+        sock.settimeout(saved)
+
+
+def free_dead_connection(event: Event) -> None:
+    """Let an acceptor whose connection died before it associated give its slot back at once.
+
+    pynetdicom's acceptor thread waits up to ``acse_timeout`` for the A-ASSOCIATE-RQ even after
+    the peer closed the connection (Sta2 -> Sta1, no indication reaches the ACSE). After a
+    non-PDU it sends A-ABORT and, in Sta13, goes on reading the rest of the bytes as PDUs: random
+    bytes soon look like a PDU header announcing megabytes, and the read blocks until the network
+    timeout. Both held a per-host and an overall slot for seconds; behind one PACS every
+    association comes from one host. Bound to ``EVT_FSM_TRANSITION`` (pynetdicom's public
+    state-machine event, fired after the action, before the new state is entered):
+
+    - entering Sta13 before any A-ASSOCIATE-RQ (the peer sent something that is no PDU; the
+      A-ABORT is already sent): the transport is closed now, which queues Evt17 (-> Sta1);
+    - entering Sta1 before any A-ASSOCIATE-RQ: the waiting acceptor thread is woken with ``None``
+      (what its queue returns on timeout), so it ends and its slot is free.
+    """
+    assoc = event.assoc
+    if not assoc.is_acceptor or assoc.requestor.primitive is not None:
+        return
+    if event.next_state == "Sta13" and assoc.dul.socket is not None:
+        assoc.dul.socket.close()
+    elif event.next_state == "Sta1" and event.current_state in ("Sta2", "Sta13"):
+        assoc.dul.to_user_queue.put(None)
 
 
 def _connection_of(assoc: Any) -> Any:
@@ -98,10 +169,14 @@ class NodeServer(ThreadedAssociationServer):
     handshake done in the connection's own thread (pynetdicom does it in the accept loop, where
     one stalled TLS peer would block every new connection)."""
 
+    # socketserver's listen backlog is 5: a burst of connections beyond it has its SYNs dropped and
+    # retried by the peer's kernel a second (then two, four...) later.
+    request_queue_size = 128
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.per_host_limit = 16
-        self.on_refused: Callable[[str], None] = _ignore_host
+        self.on_refused: Callable[[str, str], None] = _ignore_host
         # Connections accepted whose Association thread is not running yet (thread start, TLS
         # handshake), per host: they hold a slot too, or a burst of connections (or of stalled
         # TLS handshakes) would pass the cap before any of them shows up as an association.
@@ -137,7 +212,7 @@ class NodeServer(ThreadedAssociationServer):
             if len(starting) + live < self.per_host_limit:
                 self._starting.setdefault(host, set()).add(request)
                 return True
-        self.on_refused(host)
+        self.on_refused(host, Refusal.PER_HOST_LIMIT)
         return False
 
     def _started(self, request: Any, client_address: Any) -> None:
@@ -158,14 +233,19 @@ class NodeServer(ThreadedAssociationServer):
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
-            if isinstance(request, ssl.SSLSocket):
+            refusal = None
+            if isinstance(request, ssl.SSLSocket):  # TLS cannot peek: pynetdicom judges its first PDU
                 request.settimeout(self.ae.network_timeout)
                 try:
                     request.do_handshake()
                 except (ssl.SSLError, OSError):
-                    self.on_refused(str(client_address[0]))
-                    self.shutdown_request(request)
-                    return
+                    refusal = Refusal.TLS_HANDSHAKE
+            else:
+                refusal = opens_with_association_request(request, self.ae.acse_timeout)
+            if refusal is not None:
+                self.on_refused(str(client_address[0]), refusal)
+                self.shutdown_request(request)
+                return
             super().process_request_thread(request, client_address)  # starts the Association thread
         finally:
             self._started(request, client_address)
@@ -237,9 +317,14 @@ class StorageSCP:
         if event.assoc.is_established or event.assoc.is_released or event.assoc.is_aborted:
             self.metrics.active_associations.dec()
 
-    def refused_connection(self, host: str) -> None:
-        self.metrics.rejects.labels(reason="per_host_limit_or_tls").inc()
-        self.log.warning("connection refused", reason="per-host limit or TLS handshake failed", peer=host)
+    def refused_connection(self, host: str, reason: str) -> None:
+        """Counted by reason; logged as a warning except for connections that simply closed
+        (a load balancer's TCP check would fill the log)."""
+        self.metrics.rejects.labels(reason=reason).inc()
+        if reason == Refusal.CLOSED:
+            self.log.debug("connection closed before its first PDU", peer=host)
+        else:
+            self.log.warning("connection refused", reason=reason, peer=host)
 
     # --- services ------------------------------------------------------------------------
 
@@ -360,6 +445,7 @@ class StorageSCP:
             (evt.EVT_ESTABLISHED, self.on_established),
             (evt.EVT_RELEASED, self.on_closed),
             (evt.EVT_ABORTED, self.on_closed),
+            (evt.EVT_FSM_TRANSITION, free_dead_connection),
             (evt.EVT_C_ECHO, self.on_echo),
             (evt.EVT_C_STORE, self.on_store),
         ]

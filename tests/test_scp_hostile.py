@@ -246,3 +246,37 @@ def test_send_raw_helper_round_trip(node: Node) -> None:
     source = PYDICOM_TEST_FILES / "MR_small.dcm"
     with scu(node.dicom_port, [("1.2.840.10008.5.1.4.1.1.4", ["1.2.840.10008.1.2.1"])]) as assoc:
         assert send_raw(assoc, source) == SUCCESS
+
+
+def test_dead_connections_free_their_slots_at_once(start_node: Callable[..., Node], tmp_path: Path,
+                                                   sockets: list[socket.socket]) -> None:
+    """70 garbage or instantly closed connections from the PACS's own host, then within 1 s a
+    C-ECHO and a C-STORE from that host succeed: only live connections hold slots. The node runs
+    on the shipped limits and timeouts (16 per host, ACSE 10 s), so no short timeout can pass this.
+
+    30 send bytes that are no PDU (an HTTP request, a TLS ClientHello on the plain port), half of
+    them left open by the peer; 20 send half an A-ASSOCIATE-RQ and close (pynetdicom's state
+    machine sees these); 20 close at once with nothing sent."""
+    node = start_node(make_settings(tmp_path))
+    half_request = _associate_rq_pdu()[:40]
+    for index in range(70):
+        sock = connect_from("127.0.0.1", node.dicom_port)
+        try:
+            if index % 7 < 3:
+                sock.sendall(b"GET / HTTP/1.1\r\nHost: pacsnode\r\n\r\n" if index % 2
+                             else b"\x16\x03\x01\x01\xfc" + os.urandom(508))
+                if index % 2:
+                    sockets.append(sock)
+                    continue
+            elif index % 7 < 5:
+                sock.sendall(half_request)
+        except OSError:
+            pass  # closed by the node already: over the per-host limit while others were winding down
+        sock.close()
+    started = time.monotonic()
+    assert echo(node.dicom_port) == SUCCESS, "a C-ECHO from the same host was refused"
+    assert store_raw(node.dicom_port, PYDICOM_TEST_FILES / "CT_small.dcm") == SUCCESS
+    took = time.monotonic() - started
+    assert took < 1.0, f"the good association waited {took:.2f} s for slots held by dead connections"
+    held = [sock for sock in sockets if not closed_by_peer(sock, 1.0)]
+    assert not held, f"{len(held)} garbage connections were kept open"

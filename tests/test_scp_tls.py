@@ -137,7 +137,7 @@ def test_client_without_a_trusted_certificate_is_refused(
     assert _tls_echo(node, pki) == SUCCESS
     assert dcmtk("echoscu", *_dcmtk_tls(pki), "-aec", NODE_AE, "127.0.0.1", str(node.dicom_port)).returncode == 0
     assert node.http_port is not None  # the four refused handshakes are counted
-    assert metric(node.http_port, "pacsnode_association_rejects_total", reason="per_host_limit_or_tls") == 4
+    assert metric(node.http_port, "pacsnode_association_rejects_total", reason="tls_handshake") == 4
 
 
 def test_stalled_tls_handshakes_do_not_block_a_good_tls_peer(
