@@ -352,11 +352,11 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        yaml_file = settings_cls.model_config.get("yaml_file")
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if yaml_file:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
-        return tuple(sources)
+        # Highest priority first; pydantic-settings merges the sources' mappings key by key
+        # (lists are replaced whole), so a site file layers over the shipped defaults.
+        files = settings_cls.model_config.get("yaml_file") or ()
+        assert isinstance(files, list | tuple), "load_settings gives a list of files"
+        return (init_settings, env_settings, *(YamlConfigSettingsSource(settings_cls, yaml_file=f) for f in files))
 
 
 def default_config_path() -> Path:
@@ -365,16 +365,21 @@ def default_config_path() -> Path:
 
 
 def load_settings(path: Path | None = None, **overrides: Any) -> Settings:
-    """Load settings from ``path`` (default: the shipped defaults) plus environment overrides.
+    """The shipped defaults, merged with the site file ``path`` if given, then environment overrides.
+
+    A site file only says what differs: its sections merge into the shipped ones key by key, and a
+    list it gives (``routing.rules``, ``destinations``, ``node.allowed_peers``) replaces the shipped
+    list whole; ``routing: {rules: []}`` therefore means "no routing". That is what an admin who
+    writes a file holding only ``destinations:`` expects: the shipped routing still applies.
 
     Raises ``FileNotFoundError`` for a missing file and ``pydantic.ValidationError`` naming
     each bad key.
     """
-    config_file = path if path is not None else default_config_path()
-    if not config_file.is_file():
-        raise FileNotFoundError(f"config file not found: {config_file}")
+    if path is not None and not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    files = [default_config_path()] if path is None else [path, default_config_path()]
 
-    class _FromFile(Settings):
-        model_config = SettingsConfigDict(yaml_file=config_file)
+    class _FromFiles(Settings):
+        model_config = SettingsConfigDict(yaml_file=files)
 
-    return _FromFile(**overrides)
+    return _FromFiles(**overrides)

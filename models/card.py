@@ -15,13 +15,12 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from config.registry_layout import CARD
 from models.preprocess import InputSpec
 from models.tasks import CodedConcept, TaskKind, TaskName
 from pretrain.backbones import EncoderSpec
 
 CARD_FORMAT = "pacsnode-model/1"
-CARD = "card.yaml"
-WEIGHTS = "model.safetensors"
 
 
 class AppliesTo(BaseModel):

@@ -27,7 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.torch import save_file
 from torch import nn
 
-from models.card import WEIGHTS, AppliesTo, ModelCard, OutputSpec, new_device_uid, write_card
+from config.registry_layout import WEIGHTS
+from models.card import AppliesTo, ModelCard, OutputSpec, new_device_uid, write_card
 from models.dataset import StudyItem, read_seg_masks
 from models.metrics import dice, roc_auc, youden_threshold
 from models.networks import Classifier, UNet

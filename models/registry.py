@@ -15,7 +15,8 @@ from pathlib import Path
 from safetensors.torch import load_file
 from torch import nn
 
-from models.card import CARD, WEIGHTS, ModelCard, read_card
+from config.registry_layout import WEIGHTS, installed_versions
+from models.card import ModelCard, read_card
 from models.networks import Classifier, UNet
 from pretrain.backbones import Encoder
 from pretrain.export import sha256_of
@@ -34,30 +35,18 @@ class ModelRef:
         return cls(name, version or None)
 
 
-def _version_key(version: str) -> tuple[int, str]:
-    return (int(version), "") if version.isdigit() else (-1, version)
-
-
-def versions(root: Path, name: str) -> list[str]:
-    folder = root / name
-    if not folder.is_dir():
-        return []
-    found = [p.name for p in folder.iterdir() if p.is_dir() and (p / CARD).is_file()]
-    return sorted(found, key=_version_key)
-
-
 def list_models(root: Path) -> list[ModelCard]:
     """Every registered version's card, by name then version."""
     if not root.is_dir():
         return []
     return [read_card(root / name.name / v) for name in sorted(root.iterdir()) if name.is_dir()
-            for v in versions(root, name.name)]
+            for v in installed_versions(root, name.name)]
 
 
 def resolve(root: Path, ref: str) -> Path:
     """The folder of ``NAME[@VERSION]``; the highest version when none is given."""
     parsed = ModelRef.parse(ref)
-    known = versions(root, parsed.name)
+    known = installed_versions(root, parsed.name)
     if not known:
         raise LookupError(f"no model {parsed.name!r} in {root}")
     version = parsed.version or known[-1]
@@ -92,7 +81,7 @@ def register(root: Path, source: Path) -> Path:
 
 
 def next_version(root: Path, name: str) -> str:
-    numeric = [int(v) for v in versions(root, name) if v.isdigit()]
+    numeric = [int(v) for v in installed_versions(root, name) if v.isdigit()]
     return str(max(numeric, default=0) + 1)
 
 

@@ -32,13 +32,18 @@ def _command_from_object(name: str, obj: object) -> Any:
     return command
 
 
+def not_installed(name: str, error: ImportError) -> typer.Exit:
+    """Say that verb ``name`` lacks packages on this host; the exit to raise."""
+    typer.echo(f"'pacsnode {name}' is not available here: {error}. "
+               "Install the extras it needs (e.g. pip install 'pacsnode[ml]').", err=True)
+    return typer.Exit(1)
+
+
 def _unavailable(name: str, error: ImportError) -> Any:
     """A stand-in for a verb whose packages are not installed on this host."""
 
     def verb() -> None:
-        typer.echo(f"'pacsnode {name}' is not available here: {error}. "
-                   "Install the extras it needs (e.g. pip install 'pacsnode[ml]').", err=True)
-        raise typer.Exit(1)
+        raise not_installed(name, error)
 
     verb.__doc__ = f"(not installed here: {error.name or error})"
     return _command_from_object(name, verb)
@@ -76,3 +81,7 @@ def root() -> None:
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":  # ``python -P -m node.cli``: how the node starts its own children
+    main()

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Annotated, Any
 
+import structlog
 import typer
 from pydantic import ValidationError
 
@@ -52,6 +53,11 @@ def serve(
     from node.service import Node
 
     configure_logging(settings.logging)
+    from node.preflight import settings_warnings
+
+    log = structlog.get_logger("pacsnode.config")
+    for warning in settings_warnings(settings):
+        log.warning("configuration", warning=warning)
     try:
         Node(settings, config_file=config, with_worker=worker).run_forever()
     except OSError as exc:
@@ -74,6 +80,15 @@ def config_check(config: ConfigOption = None) -> None:
     import yaml
 
     typer.echo(yaml.safe_dump(settings.model_dump(mode="json", by_alias=True), sort_keys=False))
+    _warn(settings)
+
+
+def _warn(settings: Settings) -> None:
+    """The configuration's surprises (``node.preflight``), on stderr."""
+    from node.preflight import settings_warnings
+
+    for warning in settings_warnings(settings):
+        typer.echo(f"warning: {warning}", err=True)
 
 
 def status(
@@ -92,6 +107,7 @@ def status(
     from rich.console import Console
     from rich.table import Table
 
+    from node.embedded_worker import read_worker_health
     from node.index import StudyIndex
     from node.worklist import QueryError, StudyQuery, Worklist, duration_text, short_time
 
@@ -110,6 +126,9 @@ def status(
     exports = {k: v for k, v in worklist.export_counts().items() if v}
     console.print("Studies by state: " + (", ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"))
     console.print("Exports by state: " + (", ".join(f"{k}={v}" for k, v in sorted(exports.items())) or "none"))
+    worker = read_worker_health(settings.node.data_dir)
+    if worker is not None:
+        console.print(worker.summary(), style="bold red" if worker.failing else None, markup=False)
     table = Table("Study Instance UID", "v", "state", "images", "MB", "pipelines", "findings", "export",
                   "received", "result", "took", "reason")
     table.columns[0].overflow = "fold"  # a narrow terminal wraps a UID rather than truncating it

@@ -176,6 +176,7 @@ class NodeServer(ThreadedAssociationServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.per_host_limit = 16
+        self.first_pdu_timeout_s = 10.0  # node.acse_timeout_s: how long a connection may stay silent
         self.on_refused: Callable[[str, str], None] = _ignore_host
         # Connections accepted whose Association thread is not running yet (thread start, TLS
         # handshake), per host: they hold a slot too, or a burst of connections (or of stalled
@@ -241,7 +242,7 @@ class NodeServer(ThreadedAssociationServer):
                 except (ssl.SSLError, OSError):
                     refusal = Refusal.TLS_HANDSHAKE
             else:
-                refusal = opens_with_association_request(request, self.ae.acse_timeout)
+                refusal = opens_with_association_request(request, self.first_pdu_timeout_s)
             if refusal is not None:
                 self.on_refused(str(client_address[0]), refusal)
                 self.shutdown_request(request)
@@ -512,6 +513,7 @@ def start_scp(settings: NodeSettings, scp: StorageSCP) -> NodeServer:
     )
     assert isinstance(server, NodeServer)
     server.per_host_limit = settings.max_associations_per_host
+    server.first_pdu_timeout_s = settings.acse_timeout_s
     server.on_refused = scp.refused_connection
     server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, name="dicom-server",

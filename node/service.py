@@ -68,8 +68,14 @@ class Node:
                        broker="embedded" if self.settings.broker.url is None else "external")
 
     def health(self) -> dict[str, object]:
+        """``/health``: not ok (503) when the disk is below its watermark or the embedded worker keeps failing."""
         free_ok = self.scp.free_space.enough()
-        return {"ok": free_ok, "disk_free_ok": free_ok, "studies": self.index.counts_by_state()}
+        state: dict[str, object] = {"ok": free_ok, "disk_free_ok": free_ok, "studies": self.index.counts_by_state()}
+        if self.worker is not None:
+            worker = self.worker.health()
+            state["ok"] = free_ok and not worker.failing
+            state["embedded_worker"] = {"state": worker.state, "summary": worker.summary(), "failures": worker.failures}
+        return state
 
     def _retention_loop(self) -> None:
         while not self._stop.wait(self.settings.retention.interval_s):

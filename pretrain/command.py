@@ -1,7 +1,8 @@
 """``pacsnode pretrain index|prepare|train|export``: the self-supervised encoder from the archive.
 
 Each verb is a thin shell over one module; errors in inputs become one-line CLI messages. ``train``
-is also the entry point under ``torchrun`` (``torchrun --nproc-per-node N -m pretrain train ...``).
+is also what ``torchrun`` starts (``torchrun --nproc-per-node N --no-python pacsnode pretrain train ...``:
+the console script, so no folder in the working directory shadows our packages).
 """
 
 from __future__ import annotations

@@ -7,7 +7,6 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,10 +21,11 @@ from pynetdicom import AE
 from pynetdicom.sop_class import ModalityPerformedProcedureStep  # type: ignore[attr-defined]
 
 from config.settings import Settings
+from node.child_process import pacsnode_command
 from node.index import StudyIndex, StudyRow
 from node.service import Node
 
-CLI = [sys.executable, "-c", "from node.cli import main; main()"]
+CLI = pacsnode_command()
 
 
 def cli_env(settings: Settings, **extra: str) -> dict[str, str]:

@@ -13,8 +13,14 @@ SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
 
 def test_quick_demo_delivers_every_study_and_reuses_its_models(tmp_path: Path) -> None:
-    command = [sys.executable, "-c", "from node.cli import main; main()", "demo", "--quick", "--out", str(tmp_path)]
-    first = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    """Run as a user would: ``cd X && pacsnode demo --quick --out X``, twice. X holds folders named
+    like our packages and modules (the second run also finds the demo's own ``node/broker/``), which
+    must not shadow ours in any process the demo starts."""
+    for shadow in ("node/broker", "workers/app", "models/registry", "config/settings"):
+        (tmp_path / shadow).mkdir(parents=True, exist_ok=True)
+    script = Path(sys.executable).with_name("pacsnode")  # the console script, as the README runs it
+    command = [str(script), "demo", "--quick", "--out", str(tmp_path)]
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert "demo complete" in first.stdout
     for task in ("cxr-abnormality", "ct-hemorrhage", "mr-metastasis"):
@@ -26,7 +32,8 @@ def test_quick_demo_delivers_every_study_and_reuses_its_models(tmp_path: Path) -
     assert len(studies) == 3 and len(srs) == 3
     assert all(ds.SOPClassUID in (Comprehensive3DSRStorage, SEG_STORAGE) for ds in delivered)
 
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    assert (tmp_path / "node" / "broker").is_dir()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert "models: reusing cxr-abnormality@1, ct-hemorrhage@1, mr-metastasis@1" in again.stdout
     assert not (tmp_path / "models" / "cxr-abnormality" / "2").exists()

@@ -69,10 +69,13 @@ def test_two_process_torchrun_on_cpu(tmp_path: Path) -> None:
     shards = blob_shards(tmp_path / "shards")
     config_file = write_recipe(tmp_path / "recipe.yaml", run={"max_steps": 4, "log_every": 2})
     torchrun = Path(sys.executable).with_name("torchrun")
+    (tmp_path / "pretrain" / "train").mkdir(parents=True)  # an ML engineer's folder: it must not shadow ours
     proc = subprocess.run(
-        [str(torchrun), "--standalone", "--nproc-per-node", "2", "-m", "pretrain", "train",
+        [str(torchrun), "--standalone", "--nproc-per-node", "2", "--no-python",
+         str(Path(sys.executable).with_name("pacsnode")), "pretrain", "train",
          "--shards", str(shards), "--config", str(config_file), "--out", str(tmp_path / "run")],
         check=False, capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "trained 4 step(s)" in proc.stdout

@@ -11,6 +11,7 @@ import typer
 
 from config.settings import load_settings
 from node.broker import pipeline_queue
+from node.cli import not_installed
 
 
 def worker(
@@ -27,7 +28,10 @@ def worker(
     if concurrency is not None:
         overrides["concurrency"] = concurrency
     settings = load_settings(config, **({"workers": overrides} if overrides else {}))
-    from workers.app import create_app
+    try:
+        from workers.app import create_app
+    except ImportError as exc:  # an ingest-only install (no ml extra) with workers.embedded on
+        raise not_installed("worker", exc) from exc
 
     pipelines = [q.strip() for q in queues.split(",")] if queues else sorted(
         {rule.pipeline for rule in settings.routing.rules}

@@ -28,9 +28,10 @@ from pynetdicom.events import Event
 from rich.console import Console
 from rich.table import Table
 
+from config.registry_layout import installed_versions
 from config.settings import Settings, load_settings
 from models.finetune import FinetuneConfig
-from models.registry import register, versions
+from models.registry import register
 from models.training import train_task_model
 from node.index import StudyIndex
 from node.messages import ResultKind
@@ -48,6 +49,7 @@ SIZE = 64  # the demo's working size: small enough for a CPU, large enough for t
 SLICES = 16
 FINISHED = ("done", "failed", "not_applicable", "unmatched")
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"  # the phantoms' ground truth stays home
+GIVE_UP_AFTER_FAILURES = 2  # the embedded worker exited this often in a row: it will not come up
 
 
 @dataclass(frozen=True)
@@ -77,9 +79,9 @@ def _synth(out: Path, counts: dict[str, int], seed: int, prefix: str) -> None:
 def build_models(work: Path, models_dir: Path, plan: DemoPlan, console: Console) -> None:
     """Pretrain an encoder on the phantom archive and finetune + register one model per task (skipped for
     tasks that already have a registered model)."""
-    missing = [task for task in TASK_KINDS if not versions(models_dir, task)]
+    missing = [task for task in TASK_KINDS if not installed_versions(models_dir, task)]
     if not missing:
-        console.print(f"models: reusing {', '.join(f'{t}@{versions(models_dir, t)[-1]}' for t in TASK_KINDS)}")
+        console.print(f"models: reusing {', '.join(f'{t}@{installed_versions(models_dir, t)[-1]}' for t in TASK_KINDS)}")
         return
     started = time.perf_counter()
     console.print("models: phantom archive -> SwAV encoder -> finetuned task models (built once, then reused)")
@@ -180,15 +182,31 @@ def run_demo(work: Path, plan: DemoPlan, console: Console, on_node: Callable[[No
         try:
             studies = _send_incoming(work / "incoming", node, console)
             sent_at = time.monotonic()
-            deadline = sent_at + plan.timeout_s
-            while time.monotonic() < deadline and not all(_delivered(node.index, uid) for uid in studies):
-                time.sleep(0.5)
-            console.print(f"results back {time.monotonic() - sent_at:.1f} s after the last study was sent "
-                          f"(worker log: {work / 'node' / 'worker.log'})")
-            ok = _print_results(node.index, studies, pacs, console)
+            stopped = wait_for_results(node, studies, plan.timeout_s)
+            if stopped is not None:
+                console.print(f"stopped waiting after {time.monotonic() - sent_at:.1f} s: {stopped} "
+                              f"(worker log: {work / 'node' / 'worker.log'})")
+            else:
+                console.print(f"results back {time.monotonic() - sent_at:.1f} s after the last study was sent "
+                              f"(worker log: {work / 'node' / 'worker.log'})")
+            ok = _print_results(node.index, studies, pacs, console) and stopped is None
         finally:
             node.stop()
     return ok
+
+
+def wait_for_results(node: Node, studies: list[str], timeout_s: float) -> str | None:
+    """Wait until every study's results were delivered; the reason when waiting is pointless (the
+    embedded worker keeps failing: it exited twice in a row soon after starting) or timed out."""
+    deadline = time.monotonic() + timeout_s
+    while not all(_delivered(node.index, uid) for uid in studies):
+        worker = node.worker.health() if node.worker is not None else None
+        if worker is not None and worker.failing and worker.failures >= GIVE_UP_AFTER_FAILURES:
+            return worker.summary()
+        if time.monotonic() >= deadline:
+            return f"not all results were back within {timeout_s:.0f} s"
+        time.sleep(0.5)
+    return None
 
 
 def _send_incoming(folder: Path, node: Node, console: Console) -> list[str]:

@@ -33,7 +33,6 @@ import socket
 import sqlite3
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -52,6 +51,7 @@ from pynetdicom.events import Event
 from config.settings import Settings, load_settings
 from models.preprocess import image_input
 from models.untrained import install_untrained_models
+from node.child_process import pacsnode_command
 from node.index import job_id_for
 from node.logs import configure_logging
 from node.messages import DispatchMessage
@@ -67,7 +67,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = REPO_ROOT / "bench" / ".cache"
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 MODEL_SIZE = 128  # `pacsnode finetune`'s default --size: what production models take
-CLI = [sys.executable, "-c", "from node.cli import main; main()"]
+CLI = pacsnode_command()
 DEST_AE = "E2EDEST"
 WAIT_S = 600.0
 HIGH_LOAD_PER_CORE = 0.5  # a 1-minute load above this per core before the run: other work shares the CPUs

@@ -13,7 +13,6 @@ import datetime as dt
 import json
 import math
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -50,14 +49,6 @@ class PhantomSet:
     @property
     def mean_bytes(self) -> float:
         return self.total_bytes / max(len(self.files), 1)
-
-
-def pacsnode_command() -> list[str]:
-    """The ``pacsnode`` console command of the running interpreter's environment."""
-    script = Path(sys.executable).with_name("pacsnode")
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-c", "from node.cli import main; main()"]
 
 
 def _is_dicom_file(path: Path) -> bool:

@@ -20,7 +20,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import IO
 
-from bench.ingest.phantoms import pacsnode_command
+from node.child_process import pacsnode_command
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 60.0
@@ -184,8 +184,7 @@ class PacsnodeReceiver(Receiver):
         self.extra_env = dict(extra_env or {})
 
     def command(self) -> list[str]:
-        return [*pacsnode_command(), "serve", "--port", str(self.port), "--ae-title", self.ae_title,
-                "--no-worker"]
+        return pacsnode_command("serve", "--port", str(self.port), "--ae-title", self.ae_title, "--no-worker")
 
     def environment(self) -> dict[str, str]:
         return {
