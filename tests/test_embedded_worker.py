@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -128,3 +129,18 @@ def test_the_reason_is_the_last_line_with_words_without_its_box() -> None:
                    "╰─────────────────────────────╯", ""]
     assert failure_reason(typer_error, 2) == "No such option: --name (exit code 2)"
     assert failure_reason([], -9) == "no output (killed by signal 9)"
+
+
+def test_process_pools_started_from_a_folder_named_like_our_packages(tmp_path: Path) -> None:
+    """``pacsnode pretrain index --workers 2`` spawns header readers; run from a folder whose
+    subfolders are named like our modules, every one of them still imports our code."""
+    from node.synth import generate
+
+    generate(tmp_path / "archive", studies=2, kinds="cxr", seed=1, cxr_size=64)
+    for shadow in ("pretrain/index", "node/headers", "config/settings"):
+        (tmp_path / shadow).mkdir(parents=True)
+    pacsnode = Path(sys.executable).with_name("pacsnode")  # the console script, as a user runs it
+    done = subprocess.run([str(pacsnode), "pretrain", "index", "--archive", "archive", "--out", "index.sqlite",
+                           "--workers", "2"], cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "2 image frame(s)" in done.stdout
