@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 import yaml
@@ -11,6 +11,9 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from models.preprocess import InputSpec
 
 models_app = typer.Typer(help="The model registry: list, show and register model versions.", no_args_is_help=True)
 
@@ -28,6 +31,24 @@ def _models_dir(config: Path | None, override: Path | None) -> Path:
     return load_settings(config).workers.models_dir
 
 
+def _input_override(declared: InputSpec, size: int | None, windows: str | None, neighbours: int | None) -> InputSpec | None:
+    """The task's declared input with the options given on the command line; None when none was."""
+    from models.preprocess import InputSpec
+
+    if size is None and windows is None and neighbours is None:
+        return None
+    changes: dict[str, object] = {}
+    if size is not None:
+        changes["size"] = size
+    if neighbours is not None:
+        changes["neighbours"] = neighbours
+    if windows is not None:
+        names = [w.strip() for w in windows.split(",") if w.strip()]
+        chosen = InputSpec.ct(declared.size, names)
+        changes.update(channels=chosen.channels, windows=chosen.windows)
+    return InputSpec.model_validate({**declared.model_dump(), **changes})
+
+
 def finetune(
     task: Annotated[str, typer.Option(help="cxr-abnormality, ct-hemorrhage or mr-metastasis.")],
     data: Annotated[Path, typer.Option(help="Folder of DICOM studies.")],
@@ -40,23 +61,40 @@ def finetune(
     register: Annotated[bool, typer.Option(help="Register the model in the registry afterwards.")] = True,
     name: Annotated[str | None, typer.Option(help="Model name (default: the task name = its pipeline).")] = None,
     steps: Annotated[int, typer.Option(min=1)] = 300,
-    size: Annotated[int, typer.Option(min=16, help="Input size (letterboxed square).")] = 128,
+    size: Annotated[int | None, typer.Option(min=16, help="Input size (letterboxed square; default: the task's).")] = None,
+    windows: Annotated[str | None, typer.Option(help="CT windows as channels, e.g. brain,subdural,bone (default: the task's).")] = None,
+    neighbours: Annotated[int | None, typer.Option(min=0, max=4, help="2.5D: slices on each side as extra channels (default: the task's).")] = None,
     arch: Annotated[str, typer.Option(help="resnet18, resnet50 or densenet121 (must match --init's encoder).")] = "resnet18",
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     seed: Annotated[int, typer.Option()] = 0,
+    min_cases_for_threshold: Annotated[int, typer.Option(
+        min=1, help="A finding gets a threshold (and calls) only with this many positive and negative "
+                    "validation studies.")] = 10,
+    finding_auc_gate: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Findings with a lower validation AUC get no calls; classifiers with a lower "
+                               "mean validation study AUC are not deployable (0: off).")] = 0.70,
+    dice_gate: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Segmentation models with a lower validation mean Dice are not deployable "
+                               "(0: off).")] = 0.5,
     config: Annotated[Path | None, typer.Option("--config", help="pacsnode settings (for models_dir).")] = None,
     models_dir: Annotated[Path | None, typer.Option(help="Registry folder (overrides the settings).")] = None,
 ) -> None:
-    """Finetune a task model from scratch or from a pretrained encoder, then register it."""
+    """Finetune a task model from scratch or from a pretrained encoder, then register it (a model below
+    its gate registers too, marked not deployable, and workers refuse it)."""
     from models.finetune import FinetuneConfig
     from models.registry import next_version
     from models.registry import register as add
+    from models.tasks import task_spec
     from models.training import train_task_model
 
     console = Console()
     root = _models_dir(config, models_dir)
     try:
-        settings = FinetuneConfig(regime=regime, steps=steps, size=size, arch=arch, device=device, seed=seed)
+        spec = task_spec(task)
+        settings = FinetuneConfig(regime=regime, steps=steps, arch=arch, device=device, seed=seed,
+                                  input=_input_override(spec.input, size, windows, neighbours),
+                                  min_cases_for_threshold=min_cases_for_threshold, finding_auc_gate=finding_auc_gate,
+                                  dice_gate=dice_gate)
         model_name = name or task
         version = next_version(root, model_name)
         target = out or Path("runs/finetune") / f"{model_name}-{version}"
@@ -80,6 +118,10 @@ def finetune(
     result, card = trained.result, trained.card
     console.print(f"validation {card.validation['metric']} {result.best_metric:.3f} at step {result.best_step} "
                   f"of {result.steps_run}; model in {target}")
+    console.print(f"{'deployable' if card.deployable else 'NOT deployable'}: {card.deployability}")
+    for output in card.outputs:
+        if not output.assessed:
+            console.print(f"  {output.name}: not assessed, {output.not_assessed_reason}")
     if register:
         console.print(f"registered {card.name}@{card.version} at {add(root, target)}")
 
@@ -92,12 +134,14 @@ def list_cmd(
     """Registered model versions."""
     from models.registry import list_models
 
-    table = Table("name", "version", "task", "validation", "device UID", "created")
+    table = Table("name", "version", "task", "validation", "deployable", "findings assessed", "device UID", "created")
     for card in list_models(_models_dir(config, models_dir)):
         value = card.validation.get("value")
+        assessed = [o.name for o in card.outputs if o.assessed]
         table.add_row(card.name, card.version, card.task,
                       f"{card.validation.get('metric', '')} {value:.3f}" if isinstance(value, float) else "",
-                      card.device_uid, card.created)
+                      "yes" if card.deployable else f"no: {card.deployability}",
+                      ", ".join(assessed) if assessed else "none", card.device_uid, card.created)
     Console().print(table)
 
 

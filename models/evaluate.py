@@ -1,8 +1,10 @@
 """Evaluation of a registered model on labelled studies: the paper's metrics, and robustness.
 
-Classification: AUC per finding with DeLong confidence intervals, sensitivity and specificity at the
-card's thresholds. Segmentation: Dice per case and lesion-level sensitivity / false positives per
-case (26-connected components of the stacked slices). Robustness: the same headline metric with
+Classification: the card's calibration applied to the study scores, AUC per finding with DeLong
+confidence intervals, sensitivity and specificity at the card's thresholds (none for a finding the
+card does not assess), and the expected calibration error of the raw and the calibrated scores on
+these data, next to the card's on validation. Segmentation: Dice per case and lesion-level
+sensitivity / false positives per case (26-connected components of the stacked slices). Robustness: the same headline metric with
 the inputs rotated, zoomed, intensity-scaled and gamma-adjusted, to check the paper's claim that
 pretraining makes models less sensitive to such changes. Everything goes through the same
 preprocessing (``finetune.build_data`` / ``network_input``) as training and inference.
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.calibration import expected_calibration_error
 from models.card import ModelCard
 from models.dataset import StudyItem
 from models.finetune import TaskData, build_data, predict, study_scores
@@ -43,14 +46,31 @@ def perturbations() -> list[Perturbation]:
     return out
 
 
-def _classification(card: ModelCard, data: TaskData, probs: torch.Tensor) -> dict[str, Any]:
-    spec = task_spec(card.task)
-    scores = study_scores(spec, data, probs).numpy()
+def _study_scores(card: ModelCard, data: TaskData, probs: torch.Tensor
+                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(truth, raw scores, calibrated scores) per finding that has both classes in ``data``."""
+    raw = study_scores(task_spec(card.task), data, probs).numpy()
     truth = data.study_targets.numpy()
-    names = [o.name for o in card.outputs]
-    labels = {n: truth[:, k] for k, n in enumerate(names) if 0 < truth[:, k].sum() < len(truth)}
-    findings = summarise_classification(labels, {n: scores[:, k] for k, n in enumerate(names) if n in labels},
-                                        {o.name: o.threshold for o in card.outputs if o.name in labels})
+    both = [k for k in range(truth.shape[1]) if 0 < truth[:, k].sum() < len(truth)]
+    outputs = card.outputs
+    return ({outputs[k].name: truth[:, k] for k in both}, {outputs[k].name: raw[:, k] for k in both},
+            {outputs[k].name: outputs[k].calibration.apply(raw[:, k]) for k in both})
+
+
+def _classification(card: ModelCard, data: TaskData, probs: torch.Tensor) -> dict[str, Any]:
+    labels, raw, scores = _study_scores(card, data, probs)
+    findings = summarise_classification(labels, scores,
+                                        {o.name: o.operating_threshold for o in card.outputs if o.name in labels})
+    for output in card.outputs:
+        name, calibration = output.name, output.calibration
+        if name in findings:
+            findings[name] |= {
+                "assessed": output.assessed,
+                "ece_before": expected_calibration_error(labels[name], raw[name], calibration.bins),
+                "ece_after": expected_calibration_error(labels[name], scores[name], calibration.bins),
+                "validation_ece_before": calibration.ece_before,
+                "validation_ece_after": calibration.ece_after,
+            }
     return {"findings": findings}
 
 
@@ -63,7 +83,7 @@ def _cases(data: TaskData) -> dict[int, list[int]]:
 
 def _segmentation(card: ModelCard, data: TaskData, probs: torch.Tensor, truth: torch.Tensor) -> dict[str, Any]:
     """Dice and lesion detection per case (slices stacked into a volume), summarised over cases."""
-    threshold = card.outputs[0].threshold
+    threshold = card.mask_threshold()
     dices, detections = [], []
     for samples in _cases(data).values():
         pred = (probs[samples] >= threshold).numpy()
@@ -94,12 +114,13 @@ def evaluate(network: nn.Module, card: ModelCard, items: Sequence[StudyItem], *,
         result = _segmentation(card, data, probs, data.targets.float())
     else:
         result = _classification(card, data, probs)
-        scores = study_scores(spec, data, probs).numpy()
-        truth = data.study_targets.numpy()
-        plots["roc"] = {o.name: roc_curve(truth[:, k], scores[:, k])[:2] for k, o in enumerate(card.outputs)
-                        if 0 < truth[:, k].sum() < len(truth)}
-    result = {"model": f"{card.name}@{card.version}", "device_uid": card.device_uid, "task": card.task,
-              "studies": len(items), "samples": len(data), "skipped": data.skipped, **result}
+        labels, _, scores = _study_scores(card, data, probs)
+        plots["roc"] = {name: roc_curve(labels[name], scores[name])[:2] for name in labels}
+        result["calibration"] = ("the card's, fitted on validation study scores; ECE over equal-width bins of "
+                                 "the raw (before) and calibrated (after) scores")
+    result = {"model": card.ref, "device_uid": card.device_uid, "task": card.task, "deployable": card.deployable,
+              "deployability": card.deployability, "studies": len(items), "samples": len(data),
+              "skipped": data.skipped, **result}
     if robustness:
         curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
         metric = "dice" if card.kind == "segmentation" else "auc"

@@ -71,6 +71,7 @@ from models.finetune import (
     TaskData,
     build_data,
     build_network,
+    deployability,
     finetune,
     predict,
 )
@@ -250,9 +251,13 @@ class ExperimentSettings(BaseModel):
         """The one finetuning recipe of a task; its arms differ only in ``regime`` and ``seed`` (and init, data)."""
         recipe = self.finetune
         lr = recipe.lr_by_task.get(task, recipe.lr)
-        return FinetuneConfig(regime=regime, arch="resnet18", size=self.input_size, channels=1, steps=recipe.steps,
+        return FinetuneConfig(regime=regime, arch="resnet18", input=self.input_spec(), steps=recipe.steps,
                               batch_size=recipe.batch_size, lr=lr, warmup_steps=recipe.warmup_steps,
                               eval_every=recipe.eval_every, patience=recipe.patience, seed=seed, device=device)
+
+    def input_spec(self) -> InputSpec:
+        """Every arm's input: one channel at ``input_size`` (the frozen design of the committed report)."""
+        return InputSpec(size=self.input_size, channels=1)
 
     def pretrain_config(self, *, images: int, device: str) -> PretrainConfig:
         """The SwAV recipe, its epochs chosen so that about ``pretrain.steps`` steps end the schedule."""
@@ -424,7 +429,7 @@ def _bundle(run: _Run, fam: TaskFamily, candidate: str) -> TaskBundle:
     splits = patient_split(items, seed=s.split_seed)
     small = subsample(splits["train"], count=min(s.small_studies[fam.task], len(splits["train"])), seed=s.subset_seed)
     named = {"train": splits["train"], "small": small, "val": splits["val"], "test": splits["test"]}
-    inputs = InputSpec(size=s.input_size, channels=1)
+    inputs = s.input_spec()
     bundle = TaskBundle(spec, inputs, named, {name: build_data(spec, studies, inputs) for name, studies in named.items()})
     run.bundles[key] = bundle
     return bundle
@@ -486,7 +491,8 @@ def choose_candidate(evaluated: list[tuple[str, float]], band: tuple[float, floa
 
 def _result_record(result: FinetuneResult) -> dict[str, Any]:
     return {"best_metric": result.best_metric, "best_step": result.best_step, "steps_run": result.steps_run,
-            "curve": [[step, value] for step, value in result.curve], "thresholds": result.thresholds,
+            "curve": [[step, value] for step, value in result.curve],
+            "outputs": [output.model_dump(mode="json") for output in result.outputs],
             "seconds": result.seconds, "losses": result.losses}
 
 
@@ -668,11 +674,12 @@ def _train(run: _Run, bundle: TaskBundle, config: FinetuneConfig, encoder: Encod
 def _card(spec: TaskSpec, result: FinetuneResult, config: FinetuneConfig) -> ModelCard:
     """An in-memory model card (what ``evaluate`` reads), as ``save_model`` would write it."""
     encoder_spec = result.network.encoder.spec  # type: ignore[union-attr]
+    deployable, why = deployability(spec, result.best_metric, config)
     return ModelCard(
         name=f"experiment-{spec.name}", version="0", task=spec.name, kind=spec.kind, description=spec.description,
         applies_to=AppliesTo(modalities=spec.modalities, body_parts=spec.body_parts),
-        encoder=encoder_spec, input=InputSpec(size=config.size, channels=config.channels),
-        outputs=[OutputSpec(name=f.name, concept=f.concept, threshold=result.thresholds[f.name]) for f in spec.findings],
+        encoder=encoder_spec, input=config.input_for(spec),
+        outputs=result.outputs, deployable=deployable, deployability=why,
         device_uid=new_device_uid(), created=_now(),
     )
 
@@ -687,11 +694,12 @@ def _reuse_calibration(run: _Run, bundle: TaskBundle, task: str, candidate: str,
     record = _read_json(record_path)
     if record["config"] != config.model_dump(mode="json"):
         return None
-    network = build_network(bundle.spec, Encoder(EncoderSpec(arch=config.arch, in_channels=config.channels)))
+    network = build_network(bundle.spec, Encoder(config.encoder_spec(bundle.spec)))
     network.load_state_dict(load_file(str(weights)))
     saved = record["result"]
     return FinetuneResult(network.eval(), float(saved["best_metric"]), int(saved["best_step"]), int(saved["steps_run"]),
-                          [(int(a), float(b)) for a, b in saved["curve"]], dict(saved["thresholds"]),
+                          [(int(a), float(b)) for a, b in saved["curve"]],
+                          [OutputSpec.model_validate(output) for output in saved["outputs"]],
                           float(saved["seconds"]), [float(x) for x in saved["losses"]])
 
 
@@ -732,7 +740,7 @@ def _run_arm(run: _Run, task: str, candidate: str, arm: str, size: str, seed: in
     if result is None:
         encoder = None
         if arm != "scratch":
-            encoder, card = load_encoder(encoder_dir, expect=EncoderSpec(arch=config.arch, in_channels=config.channels))
+            encoder, card = load_encoder(encoder_dir, expect=config.encoder_spec(bundle.spec))
             init = {"init": "pretrained", "encoder_sha256": card.sha256, "pretrain_steps": card.steps}
         result = _train(run, bundle, config, encoder, arm_name(task, arm, size, seed), split)
         run.counters.arms_trained += 1

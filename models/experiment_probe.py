@@ -3,7 +3,7 @@
 Finetuning mixes two questions: did SwAV learn features that carry the finding at all, and does
 the finetuning recipe make use of them? The probe answers the first alone. For each task it
 freezes an encoder, pools its features over every training sample, fits an L2-regularised
-logistic regression on the training split and reports the test AUC at sample level (the image
+logistic regression (scikit-learn's, on standardised features) on the training split and reports the test AUC at sample level (the image
 for radiographs, the slice for CT and MR: "any hemorrhage", "slice holds a metastasis"). It does
 this for the pretrained encoder and for the same architecture at its random initialisation (seed
 0), which is where every scratch arm starts. Pretrained well above random: the archive taught
@@ -15,8 +15,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
-import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline, make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from models.finetune import TaskData, batch_inputs
 from models.metrics import roc_auc
@@ -24,7 +27,7 @@ from models.preprocess import InputSpec
 from pretrain.backbones import Encoder
 
 BATCH = 64
-L2 = 1e-2  # on standardised features; the probe must not overfit a few hundred samples
+L2 = 1e-2  # on standardised features, per sample; the probe must not overfit a few hundred samples
 
 
 @torch.no_grad()
@@ -43,23 +46,13 @@ def sample_labels(data: TaskData, kind: str) -> torch.Tensor:
     return data.targets[:, 0].float()
 
 
-def fit_probe(x: torch.Tensor, y: torch.Tensor, steps: int = 200) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                          torch.Tensor]:
-    """Logistic regression (L-BFGS) on standardised ``x``; returns (mean, std, weights, bias)."""
-    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
-    z = (x - mean) / std
-    w = torch.zeros(z.shape[1], requires_grad=True)
-    b = torch.zeros(1, requires_grad=True)
-    optimiser = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+def fit_probe(x: np.ndarray, y: np.ndarray) -> Pipeline:
+    """Standardise ``x``, then a logistic regression minimising the mean log-loss + ``L2 * |w|^2``.
 
-    def closure() -> torch.Tensor:
-        optimiser.zero_grad()
-        loss = F.binary_cross_entropy_with_logits(z @ w + b, y) + L2 * (w * w).sum()
-        loss.backward()
-        return loss
-
-    optimiser.step(closure)
-    return mean, std, w.detach(), b.detach()
+    scikit-learn's objective is ``C * summed log-loss + |w|^2 / 2``, the same minimum at
+    ``C = 1 / (2 * L2 * n)``: the penalty per sample stays fixed however many samples there are.
+    """
+    return make_pipeline(StandardScaler(), LogisticRegression(C=1 / (2 * L2 * len(y)), max_iter=1000)).fit(x, y)
 
 
 def probe_auc(encoder: Encoder, train: TaskData, test: TaskData, spec: InputSpec, kind: str,
@@ -68,7 +61,7 @@ def probe_auc(encoder: Encoder, train: TaskData, test: TaskData, spec: InputSpec
     y_train, y_test = sample_labels(train, kind), sample_labels(test, kind)
     if not (0 < y_train.sum() < len(y_train)) or not (0 < y_test.sum() < len(y_test)):
         return {"auc": float("nan"), "train": len(y_train), "test": len(y_test), "note": "one class only"}
-    mean, std, w, b = fit_probe(features(encoder, train, spec, device), y_train)
-    scores = ((features(encoder, test, spec, device) - mean) / std) @ w + b
-    return {"auc": roc_auc(y_test.numpy(), scores.numpy()), "train": len(y_train), "test": len(y_test),
+    probe = fit_probe(features(encoder, train, spec, device).numpy(), y_train.numpy())
+    scores = probe.decision_function(features(encoder, test, spec, device).numpy())
+    return {"auc": roc_auc(y_test.numpy(), scores), "train": len(y_train), "test": len(y_test),
             "positives_test": int(y_test.sum())}

@@ -28,12 +28,13 @@ from safetensors.torch import save_file
 from torch import nn
 
 from config.registry_layout import WEIGHTS
+from models.calibration import fit_platt
 from models.card import AppliesTo, ModelCard, OutputSpec, new_device_uid, write_card
 from models.dataset import StudyItem, read_seg_masks
 from models.metrics import dice, roc_auc, youden_threshold
 from models.networks import Classifier, UNet
-from models.preprocess import InputSpec, mask_input
-from models.tasks import TaskSpec
+from models.preprocess import InputSpec, mask_input, neighbour_picks
+from models.tasks import CodedConcept, TaskSpec
 from pretrain.augment import AugmentConfig, CropSpec, MultiCrop, eval_view, perturb
 from pretrain.backbones import Encoder, EncoderSpec
 from pretrain.config import OptimConfig
@@ -52,8 +53,7 @@ class FinetuneConfig(BaseModel):
 
     regime: Literal["supervised", "hybrid"] = "supervised"
     arch: Literal["resnet18", "resnet50", "densenet121"] = "resnet18"
-    size: int = Field(128, ge=16)
-    channels: int = Field(1, ge=1)
+    input: InputSpec | None = Field(None, description="The network input; None: the task's declared input")
     steps: int = Field(300, ge=1)
     batch_size: int = Field(16, ge=2)
     lr: float = Field(1e-3, gt=0)
@@ -70,6 +70,22 @@ class FinetuneConfig(BaseModel):
     seed: int = 0
     device: str = "cpu"
     amp: Literal["none", "bf16", "fp16"] = "bf16"
+    min_cases_for_threshold: int = Field(
+        10, ge=1, description="A finding gets an operating threshold only where validation has at least this many "
+                              "positive and this many negative studies; otherwise it is not assessed")
+    finding_auc_gate: float = Field(
+        0.70, ge=0, le=1, description="A finding whose validation AUC is lower is not assessed, and a classifier whose "
+                                      "mean validation study AUC is lower is not deployable; 0 turns both gates off")
+    dice_gate: float = Field(
+        0.5, ge=0, le=1, description="A segmentation model whose validation mean Dice is lower is not deployable; "
+                                     "0 turns the gate off")
+
+    def input_for(self, task: TaskSpec) -> InputSpec:
+        """What the network reads: this recipe's ``input``, else the one the task declares."""
+        return self.input or task.input
+
+    def encoder_spec(self, task: TaskSpec) -> EncoderSpec:
+        return EncoderSpec(arch=self.arch, in_channels=self.input_for(task).in_channels)
 
 
 @dataclass
@@ -130,14 +146,18 @@ def build_data(task: TaskSpec, items: Sequence[StudyItem], spec: InputSpec) -> T
 
 
 def network_input(stored: torch.Tensor, encoding: Encoding, spec: InputSpec) -> torch.Tensor:
-    """Stored image -> network input (C, S, S): the one mapping shared with evaluation and inference."""
+    """Stored image -> one slice's input (channels, S, S): the mapping shared with evaluation and inference."""
     pixels = stored.numpy().astype(np.uint16)
     decoded = decode_hu(pixels) if encoding == "hu" else decode_unit(pixels)
-    return eval_view(torch.from_numpy(decoded), encoding, spec.size, spec.channels, spec.windows)
+    return eval_view(torch.from_numpy(decoded), encoding, spec.size, spec.channels, spec.window_pairs())
 
 
 def batch_inputs(data: TaskData, indices: Sequence[int], spec: InputSpec) -> torch.Tensor:
-    return torch.stack([network_input(data.images[i], data.encodings[i], spec) for i in indices])
+    """Network inputs (B, in_channels, S, S); a 2.5D spec stacks each slice's neighbours of its study."""
+    def one(i: int) -> torch.Tensor:
+        return torch.cat([network_input(data.images[j], data.encodings[j], spec)
+                          for j in neighbour_picks(data.study_of, i, spec.neighbours)])
+    return torch.stack([one(i) for i in indices])
 
 
 def build_network(task: TaskSpec, encoder: Encoder) -> nn.Module:
@@ -196,7 +216,7 @@ class FinetuneResult:
     best_step: int
     steps_run: int
     curve: list[tuple[int, float]]
-    thresholds: dict[str, float]
+    outputs: list[OutputSpec]  # calibrated, thresholded and gated on validation (choose_thresholds)
     seconds: float
     losses: list[float] = field(default_factory=list)
 
@@ -239,15 +259,15 @@ def finetune(
     """
     torch.manual_seed(config.seed)
     device = torch.device(config.device)
-    spec = InputSpec(size=config.size, channels=config.channels)
-    encoder = encoder or Encoder(EncoderSpec(arch=config.arch, in_channels=config.channels))
+    spec = config.input_for(task)
+    encoder = encoder or Encoder(config.encoder_spec(task))
     network = build_network(task, encoder).to(device)
     head = (SwAVHead(encoder.feature_dim, 512, 64, config.hybrid_prototypes).to(device)
             if config.regime == "hybrid" else None)
     swav = SwAVLoss()
-    multicrop = MultiCrop([CropSpec(size=config.size, count=2, scale=(0.3, 1.0)),
-                           CropSpec(size=config.size // 2, count=2, scale=(0.05, 0.3))],
-                          AugmentConfig(), config.channels)
+    multicrop = MultiCrop([CropSpec(size=spec.size, count=2, scale=(0.3, 1.0)),
+                           CropSpec(size=spec.size // 2, count=2, scale=(0.05, 0.3))],
+                          AugmentConfig(ct_windows=spec.window_pairs()), spec.channels)
     encoder_params = list(network.encoder.parameters())  # type: ignore[union-attr]
     encoder_ids = {id(p) for p in encoder_params}
     other = [p for p in network.parameters() if id(p) not in encoder_ids]
@@ -292,7 +312,7 @@ def finetune(
                 loss = _loss(task, logits, targets.to(device), pos_weight)
                 if head is not None:
                     head.normalise_prototypes()
-                    views = _hybrid_views(train, indices, multicrop, generator)
+                    views = _hybrid_views(train, indices, multicrop, generator, 2 * spec.neighbours + 1)
                     _, scores = head(encode_crops(network.encoder, [v.to(device) for v in views]))  # type: ignore[arg-type]
                     swav_loss, _ = swav(list(scores.split(len(indices))))
                     loss = loss + config.hybrid_weight * swav_loss
@@ -321,8 +341,8 @@ def finetune(
             break
     if best_state is not None:
         network.load_state_dict(best_state)
-    thresholds = choose_thresholds(task, val, predict(network, val, spec, device))
-    return FinetuneResult(network.cpu().eval(), best_metric, best_step, step, curve, thresholds,
+    outputs = choose_thresholds(task, val, predict(network, val, spec, device), config)
+    return FinetuneResult(network.cpu().eval(), best_metric, best_step, step, curve, outputs,
                           time.perf_counter() - started, losses)
 
 
@@ -334,26 +354,92 @@ def _save_atomically(state: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _hybrid_views(data: TaskData, indices: Sequence[int], multicrop: MultiCrop,
-                  generator: torch.Generator) -> list[torch.Tensor]:
+                  generator: torch.Generator, repeats: int) -> list[torch.Tensor]:
     per_sample = []
     for i in indices:
         pixels = data.images[i].numpy().astype(np.uint16)
         decoded = decode_hu(pixels) if data.encodings[i] == "hu" else decode_unit(pixels)
         per_sample.append(multicrop.views(torch.from_numpy(decoded), data.encodings[i], generator))
-    return [torch.stack([views[v] for views in per_sample]) for v in range(len(per_sample[0]))]
+    # A 2.5D network reads 2n + 1 slices: its SwAV views are single slices, repeated to fill them.
+    return [torch.stack([views[v] for views in per_sample]).repeat(1, repeats, 1, 1) for v in range(len(per_sample[0]))]
 
 
-def choose_thresholds(task: TaskSpec, val: TaskData, probs: torch.Tensor) -> dict[str, float]:
-    """Operating points on validation data: Youden's J per output (0.5 where a class is missing)."""
-    if task.kind == "segmentation":
-        return {task.outputs[0]: 0.5}
-    scores = study_scores(task, val, probs).numpy()
+VOXEL_THRESHOLD = 0.5  # a segmentation's voxel probability at or above which the voxel is lesion
+
+
+def choose_thresholds(task: TaskSpec, val: TaskData, probs: torch.Tensor, config: FinetuneConfig) -> list[OutputSpec]:
+    """Each output as the card states it, decided on the validation split at study level.
+
+    Per classification finding: Platt calibration of the study scores; an operating threshold
+    (Youden's J on the calibrated scores) only where validation holds at least
+    ``config.min_cases_for_threshold`` positives and as many negatives, since on fewer Youden's
+    point lands at an extreme score by chance; and the call is made (``assessed``) only with a
+    threshold and a validation AUC of at least ``config.finding_auc_gate``. A segmentation output
+    keeps raw voxel probabilities (identity calibration) and the fixed voxel threshold.
+    """
     truth = val.study_targets.numpy()
-    out = {}
-    for k, name in enumerate(task.outputs):
-        present = 0 < truth[:, k].sum() < len(truth)
-        out[name] = float(youden_threshold(truth[:, k], scores[:, k])) if present else 0.5
-    return out
+    if task.kind == "segmentation":
+        positives = int(truth[:, 0].sum())
+        return [OutputSpec(name=f.name, concept=f.concept, threshold=VOXEL_THRESHOLD,
+                           threshold_rule=f"voxel probability {VOXEL_THRESHOLD:g}", positives=positives,
+                           negatives=len(truth) - positives, assessed=True) for f in task.findings]
+    scores = study_scores(task, val, probs).numpy()
+    return [_assess(f.name, f.concept, truth[:, k], scores[:, k], config) for k, f in enumerate(task.findings)]
+
+
+def _assess(name: str, concept: CodedConcept, truth: np.ndarray, scores: np.ndarray,
+            config: FinetuneConfig) -> OutputSpec:
+    """One finding's calibration, threshold and gate from its validation truth and study scores."""
+    need = config.min_cases_for_threshold
+    positives = int(truth.sum())
+    negatives = len(truth) - positives
+    calibration = fit_platt(truth, scores)
+    auc = roc_auc(truth, scores) if positives and negatives else None  # calibration keeps the ranking
+    threshold = None
+    reason = ""
+    if positives < need or negatives < need:
+        short = " and ".join(f"{n} {kind}{'' if n == 1 else 's'}"
+                             for n, kind in ((positives, "positive"), (negatives, "negative")) if n < need)
+        reason = f"validation has {short}, at least {need} of each needed for a threshold"
+    else:
+        threshold = youden_threshold(truth, calibration.apply(scores))
+        if auc is not None and auc < config.finding_auc_gate:
+            reason = f"validation AUC {auc:.2f} < gate {config.finding_auc_gate:.2f}"
+    return OutputSpec(
+        name=name, concept=concept, calibration=calibration, threshold=threshold,
+        threshold_rule=(f"Youden's J on calibrated validation study scores, only with at least {need} positive "
+                        f"and {need} negative validation studies"),
+        validation_auc=auc, positives=positives, negatives=negatives, assessed=not reason,
+        not_assessed_reason=reason)
+
+
+def headline_metric(task: TaskSpec) -> str:
+    """The name of the validation metric early stopping and the model's gate use."""
+    return "mean Dice" if task.kind == "segmentation" else "mean study AUC"
+
+
+def model_gate(task: TaskSpec, config: FinetuneConfig) -> float:
+    """The lowest validation headline metric at which the model is deployable (0: no gate)."""
+    return config.dice_gate if task.kind == "segmentation" else config.finding_auc_gate
+
+
+def deployability(task: TaskSpec, metric: float, config: FinetuneConfig) -> tuple[bool, str]:
+    """Whether the model's validation headline metric passes its gate, and the sentence that says so.
+
+    A model below its gate still registers (its card tells the admin why it is held back), but
+    workers refuse it. A gate of 0 is off; an undefined metric (no validation finding with both
+    classes) fails any other gate.
+    """
+    gate = model_gate(task, config)
+    what = f"validation {headline_metric(task)}"
+    if not math.isfinite(metric):
+        return gate == 0, f"{what} undefined (no validation finding with both classes), " + (
+            "not gated (gate 0)" if gate == 0 else f"gate {gate:.2f}")
+    if gate == 0:
+        return True, f"{what} {metric:.2f}, not gated (gate 0)"
+    if metric < gate:
+        return False, f"{what} {metric:.2f} < gate {gate:.2f}"
+    return True, f"{what} {metric:.2f} >= gate {gate:.2f}"
 
 
 def save_model(out: Path, task: TaskSpec, result: FinetuneResult, config: FinetuneConfig, *, name: str,
@@ -363,17 +449,17 @@ def save_model(out: Path, task: TaskSpec, result: FinetuneResult, config: Finetu
     state = {k: v.contiguous() for k, v in result.network.state_dict().items()}
     save_file(state, str(out / WEIGHTS))
     encoder_spec = result.network.encoder.spec  # type: ignore[union-attr]
+    deployable, why = deployability(task, result.best_metric, config)
     card = ModelCard(
         name=name, version=version, task=task.name, kind=task.kind, description=task.description,
         applies_to=AppliesTo(modalities=task.modalities, body_parts=task.body_parts,
                              min_slices=8 if task.kind != "classification" else 1),
-        encoder=encoder_spec, input=InputSpec(size=config.size, channels=config.channels),
-        outputs=[OutputSpec(name=f.name, concept=f.concept, threshold=result.thresholds[f.name],
-                            threshold_rule="youden on validation" if task.kind != "segmentation"
-                            else "voxel probability 0.5")
-                 for f in task.findings],
-        validation={"metric": "mean study AUC" if task.kind != "segmentation" else "mean Dice",
-                    "value": result.best_metric, "best_step": result.best_step, "curve": result.curve},
+        encoder=encoder_spec, input=config.input_for(task),
+        input_channels=config.input_for(task).describe(ct="CT" in task.modalities),
+        outputs=result.outputs, deployable=deployable, deployability=why,
+        validation={"metric": headline_metric(task), "value": result.best_metric,
+                    "gate": model_gate(task, config),
+                    "best_step": result.best_step, "curve": result.curve},
         training={**training, "config": config.model_dump(mode="json"), "steps_run": result.steps_run,
                   "seconds": round(result.seconds, 1)},
         encoder_source=encoder_source, device_uid=new_device_uid(),
@@ -383,11 +469,17 @@ def save_model(out: Path, task: TaskSpec, result: FinetuneResult, config: Finetu
     return card
 
 
-def initial_encoder(init: str, config: FinetuneConfig) -> tuple[Encoder, dict[str, Any]]:
-    """``scratch`` or an exported encoder folder (refused if its input spec differs from the config's)."""
-    spec = EncoderSpec(arch=config.arch, in_channels=config.channels)
+def initial_encoder(init: str, config: FinetuneConfig, task: TaskSpec) -> tuple[Encoder, dict[str, Any]]:
+    """``scratch`` or an exported encoder folder, refused if its architecture or channels differ from
+    the task's input, or if its CT channels are other windows than the task's (a 3-channel encoder
+    pretrained on soft-tissue/lung/bone would be fed brain/subdural/bone)."""
+    spec = config.encoder_spec(task)
     if init == "scratch":
         return Encoder(spec), {"init": "scratch"}
     encoder, card = load_encoder(Path(init), expect=spec)
+    wanted = config.input_for(task).window_pairs()
+    pretrained = [tuple(pair) for pair in card.normalisation.ct_windows]
+    if "CT" in task.modalities and spec.in_channels > 1 and pretrained and pretrained != wanted[:len(pretrained)]:
+        raise ValueError(f"encoder {init} was pretrained with CT channels {pretrained}, the task reads {wanted}")
     return encoder, {"init": str(init), "sha256": card.sha256, "steps": card.steps,
                      "training_data": card.training_data}

@@ -1,8 +1,10 @@
 """Evaluation metrics for the finetuned models: ROC analysis with confidence intervals, operating
 points, and lesion-level segmentation scores.
 
-Only numpy and scipy are used, so the metrics run on a worker host without scikit-learn; the tests
-check every number here against scikit-learn on fixed and random inputs.
+The ROC curve and its area are scikit-learn's (``roc_curve``, ``roc_auc_score``), behind this
+module's input checks; what scikit-learn lacks is here: DeLong's and Wilson's intervals, the
+bootstrap, operating points and the lesion-level scores. The tests check every number against
+scikit-learn or published values.
 
 Conventions, chosen so that every function answers the same question the same way:
 
@@ -29,11 +31,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 from scipy import ndimage, stats
+from sklearn import metrics as skm
 
 __all__ = [
     "Lesion",
     "LesionCounts",
     "auc_ci",
+    "binary_inputs",
     "bootstrap_ci",
     "dice",
     "lesion_detection",
@@ -57,7 +61,7 @@ BoolArray = npt.NDArray[np.bool_]
 # Input checking
 
 
-def _binary_inputs(labels: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[BoolArray, FloatArray]:
+def binary_inputs(labels: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[BoolArray, FloatArray]:
     """Validate and convert (labels, scores) to (bool, float64) 1-D arrays of equal length."""
     y = np.asarray(labels)
     s = np.asarray(scores, dtype=np.float64)
@@ -100,39 +104,29 @@ def _z(level: float) -> float:
 
 
 def roc_auc(labels: npt.ArrayLike, scores: npt.ArrayLike) -> float:
-    """Area under the ROC curve, as the Mann-Whitney U statistic with midranks.
-
-    Equal to scikit-learn's ``roc_auc_score`` (trapezoidal area, which gives tied scores half
-    credit) up to floating-point rounding, but O(n log n) with no curve construction, which
-    matters inside a bootstrap. Raises ``ValueError`` if only one class is present: the AUC is
-    then undefined, not 0.5.
+    """Area under the ROC curve: scikit-learn's ``roc_auc_score`` (trapezoidal, so tied scores
+    count half). Raises ``ValueError`` if only one class is present: the AUC is then undefined, not
+    0.5. About 2 ms a call, which only matters inside a bootstrap; intervals here use DeLong's
+    closed form instead (:func:`auc_ci`).
     """
-    y, s = _binary_inputs(labels, scores)
-    n_pos, n_neg = _require_both_classes(y)
-    ranks = stats.rankdata(s)  # average ranks: ties count half
-    u = float(ranks[y].sum()) - n_pos * (n_pos + 1) / 2.0
-    return u / (n_pos * n_neg)
+    y, s = binary_inputs(labels, scores)
+    _require_both_classes(y)
+    return float(skm.roc_auc_score(y, s))
 
 
 def roc_curve(labels: npt.ArrayLike, scores: npt.ArrayLike) -> tuple[FloatArray, FloatArray, FloatArray]:
     """ROC curve points (fpr, tpr, thresholds) at every distinct score, highest threshold first.
 
-    Identical to scikit-learn's ``roc_curve(labels, scores, drop_intermediate=False)``: point ``i``
-    is the (false positive rate, true positive rate) of predicting ``score >= thresholds[i]``, and
-    a first point (0, 0) is prepended with threshold ``+inf`` (nothing is called positive), as
-    scikit-learn >= 1.3 does (older versions used ``max(score) + 1`` there). Unlike scikit-learn,
+    scikit-learn's ``roc_curve(labels, scores, drop_intermediate=False)``: point ``i`` is the
+    (false positive rate, true positive rate) of predicting ``score >= thresholds[i]``, and the
+    first point (0, 0) has threshold ``+inf`` (nothing is called positive). Unlike scikit-learn,
     a single-class input raises ``ValueError`` instead of warning and returning NaN rates.
     Collinear points are kept, so the curve can be re-thresholded exactly.
     """
-    y, s = _binary_inputs(labels, scores)
-    n_pos, n_neg = _require_both_classes(y)
-    values, inverse = np.unique(s, return_inverse=True)  # ascending
-    pos_at = np.bincount(inverse, weights=y.astype(np.float64), minlength=values.size)[::-1]
-    all_at = np.bincount(inverse, minlength=values.size)[::-1].astype(np.float64)
-    tps = np.concatenate(([0.0], np.cumsum(pos_at)))
-    fps = np.concatenate(([0.0], np.cumsum(all_at - pos_at)))
-    thresholds = np.concatenate(([np.inf], values[::-1]))
-    return fps / n_neg, tps / n_pos, thresholds
+    y, s = binary_inputs(labels, scores)
+    _require_both_classes(y)
+    fpr, tpr, thresholds = skm.roc_curve(y, s, drop_intermediate=False)
+    return fpr.astype(np.float64), tpr.astype(np.float64), thresholds.astype(np.float64)
 
 
 def _delong_se(y: BoolArray, s: FloatArray) -> tuple[float, float]:
@@ -167,7 +161,7 @@ def auc_ci(labels: npt.ArrayLike, scores: npt.ArrayLike, level: float = 0.95) ->
     variance is 0 and the interval collapses to the point; treat it as unreliable near 0 or 1 on
     small samples. Needs at least two positives and two negatives.
     """
-    y, s = _binary_inputs(labels, scores)
+    y, s = binary_inputs(labels, scores)
     auc, se = _delong_se(y, s)
     half = _z(level) * se
     return auc, max(0.0, auc - half), min(1.0, auc + half)
@@ -258,7 +252,7 @@ def sensitivity_specificity(
     scikit-learn's ``confusion_matrix(labels, scores >= threshold)``. Raises ``ValueError`` if
     either class is absent, since one of the two is then undefined.
     """
-    y, s = _binary_inputs(labels, scores)
+    y, s = binary_inputs(labels, scores)
     _require_both_classes(y)
     tn, fp, fn, tp = _confusion(y, s, float(threshold))
     return tp / (tp + fn), tn / (tn + fp)
@@ -274,7 +268,7 @@ def threshold_for_sensitivity(labels: npt.ArrayLike, scores: npt.ArrayLike, targ
     0.28 of 25 positives is 7, not 8 from ceil(0.28 * 25) = ceil(7.000000000000001)). Any higher threshold
     falls below the target on these data. Only positives determine it; negatives are ignored.
     """
-    y, s = _binary_inputs(labels, scores)
+    y, s = binary_inputs(labels, scores)
     if not 0.0 < target <= 1.0:
         raise ValueError(f"target sensitivity must be in (0, 1], got {target}")
     pos = np.sort(s[y])[::-1]
@@ -560,7 +554,7 @@ def _interval(low: float, high: float) -> list[float] | None:
 def summarise_classification(
     labels: Mapping[str, npt.ArrayLike],
     scores: Mapping[str, npt.ArrayLike],
-    thresholds: Mapping[str, float],
+    thresholds: Mapping[str, float | None],
     level: float = 0.95,
 ) -> dict[str, dict[str, Any]]:
     """Per finding: counts, AUC with DeLong CI, and sensitivity/specificity with Wilson CIs.
@@ -571,7 +565,8 @@ def summarise_classification(
     define (AUC without positives, sensitivity without positives, DeLong CI with fewer than two
     of a class) is ``None`` rather than an exception, so one rare finding absent from a test
     split does not abort the whole evaluation; invalid inputs (bad labels, NaN scores, mismatched
-    findings) still raise.
+    findings) still raise. A threshold of ``None`` (a finding the model makes no call on) leaves
+    the call counts and rates ``None``.
     """
     if set(labels) != set(scores):
         raise ValueError(f"labels and scores name different findings: {sorted(set(labels) ^ set(scores))}")
@@ -580,11 +575,9 @@ def summarise_classification(
         raise ValueError(f"no threshold for finding(s): {missing}")
     out: dict[str, dict[str, Any]] = {}
     for name in labels:
-        y, s = _binary_inputs(labels[name], scores[name])
+        y, s = binary_inputs(labels[name], scores[name])
         n_pos = int(y.sum())
         n_neg = int(y.size - n_pos)
-        threshold = float(thresholds[name])
-        tn, fp, fn, tp = _confusion(y, s, threshold)
         auc: float | None = None
         ci: list[float] | None = None
         if n_pos and n_neg:
@@ -592,23 +585,30 @@ def summarise_classification(
             if n_pos >= 2 and n_neg >= 2:
                 _, low, high = auc_ci(y, s, level)
                 ci = [low, high]
-        out[name] = {
-            "n": int(y.size),
-            "positives": n_pos,
-            "negatives": n_neg,
-            "auc": auc,
-            "auc_ci": ci,
-            "threshold": threshold,
-            "sensitivity": tp / n_pos if n_pos else None,
-            "sensitivity_ci": list(wilson_ci(tp, n_pos, level)) if n_pos else None,
-            "specificity": tn / n_neg if n_neg else None,
-            "specificity_ci": list(wilson_ci(tn, n_neg, level)) if n_neg else None,
-            "tp": tp,
-            "fp": fp,
-            "tn": tn,
-            "fn": fn,
-        }
+        out[name] = {"n": int(y.size), "positives": n_pos, "negatives": n_neg, "auc": auc, "auc_ci": ci,
+                     **_calls(y, s, thresholds[name], level)}
     return out
+
+
+def _calls(y: BoolArray, s: FloatArray, threshold: float | None, level: float) -> dict[str, Any]:
+    """The operating point's counts and rates with Wilson CIs; all ``None`` without a threshold."""
+    keys = ("threshold", "sensitivity", "sensitivity_ci", "specificity", "specificity_ci", "tp", "fp", "tn", "fn")
+    if threshold is None:
+        return dict.fromkeys(keys)
+    n_pos = int(y.sum())
+    n_neg = int(y.size - n_pos)
+    tn, fp, fn, tp = _confusion(y, s, float(threshold))
+    return {
+        "threshold": float(threshold),
+        "sensitivity": tp / n_pos if n_pos else None,
+        "sensitivity_ci": list(wilson_ci(tp, n_pos, level)) if n_pos else None,
+        "specificity": tn / n_neg if n_neg else None,
+        "specificity_ci": list(wilson_ci(tn, n_neg, level)) if n_neg else None,
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+    }
 
 
 def summarise_segmentation(

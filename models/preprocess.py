@@ -17,6 +17,7 @@ written as a SEG on the source image's grid.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,38 +26,77 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydicom.dataset import Dataset
 
-from pretrain.augment import DEFAULT_CT_WINDOWS, eval_view
+from pretrain.augment import DEFAULT_CT_WINDOWS, NAMED_CT_WINDOWS, eval_view
 from pretrain.decode import PixelDataError, pixel_aspect, prepare_image, read_dataset, resize_square
 from pretrain.shards import decode_hu, decode_unit
 
 __all__ = [
     "InputSpec",
     "PixelDataError",
+    "Window",
     "image_input",
     "letterbox_box",
     "mask_input",
     "mask_output",
+    "neighbour_picks",
+    "stack_neighbours",
 ]
 
 # A resampled mask value at or above this is inside: bilinear weights split an edge pixel evenly.
 MASK_THRESHOLD = 0.5
 
 
-class InputSpec(BaseModel):
-    """What a model's input looks like; stored in its model card so inference rebuilds it exactly.
+class Window(BaseModel):
+    """A CT display window in Hounsfield units, under the name radiologists give it."""
 
-    ``size`` is the letterboxed working size (the ``size`` of pretraining's ``prepare``),
-    ``channels`` the network's input channels, ``windows`` one CT (centre, width) window in HU per
-    channel; ``None`` means :data:`pretrain.augment.DEFAULT_CT_WINDOWS`' first ``channels``, the
-    windows a pretrained encoder with that many channels saw. Non-CT images ignore the windows and
-    are replicated over the channels.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    centre: float
+    width: float = Field(gt=0)
+
+    @classmethod
+    def named(cls, name: str) -> Window:
+        """One of :data:`pretrain.augment.NAMED_CT_WINDOWS` (brain, subdural, bone, ...)."""
+        if name not in NAMED_CT_WINDOWS:
+            raise ValueError(f"unknown CT window {name!r}; known: {', '.join(NAMED_CT_WINDOWS)}")
+        centre, width = NAMED_CT_WINDOWS[name]
+        return cls(name=name, centre=centre, width=width)
+
+    @model_validator(mode="after")
+    def _finite(self) -> Window:
+        if not (math.isfinite(self.centre) and math.isfinite(self.width)):
+            raise ValueError(f"window {self.name!r}: centre and width must be finite")
+        return self
+
+
+UNIT_MAPPING = "robust percentiles (0.5 %, 99.5 %) to [0, 1], MONOCHROME1 inverted"
+
+
+class InputSpec(BaseModel):
+    """What a model's input is, channel by channel; stored in its model card, so that training,
+    evaluation, inference and the SR's evidence all build exactly this input.
+
+    ``size`` is the letterboxed working size. Per slice there are ``channels`` channels: for CT one
+    per window of ``windows`` (by name and HU; ``None`` means the first ``channels`` of
+    :data:`pretrain.augment.DEFAULT_CT_WINDOWS`, what a pretrained encoder with that many channels
+    saw), for every other image the intensity of :data:`UNIT_MAPPING` replicated. ``neighbours``
+    makes the input 2.5D: that many slices on each side of a slice bring their own channels
+    (edges repeat the end slice), in slice order, so the network gets ``in_channels`` in all.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     size: int = Field(default=256, ge=8, le=4096)
     channels: int = Field(default=1, ge=1)
-    windows: list[tuple[float, float]] | None = None
+    windows: tuple[Window, ...] | None = None
+    neighbours: int = Field(default=0, ge=0, le=4)
+
+    @classmethod
+    def ct(cls, size: int, windows: list[str], neighbours: int = 0) -> InputSpec:
+        """A CT input of the named windows (one channel each)."""
+        return cls(size=size, channels=len(windows), windows=tuple(Window.named(w) for w in windows),
+                   neighbours=neighbours)
 
     @model_validator(mode="after")
     def _windows_fit_channels(self) -> InputSpec:
@@ -66,18 +106,67 @@ class InputSpec(BaseModel):
             if self.channels > len(DEFAULT_CT_WINDOWS):
                 raise ValueError(
                     f"channels={self.channels} but only {len(DEFAULT_CT_WINDOWS)} default CT windows exist: "
-                    "give one (centre, width) window per channel"
+                    "give one window per channel"
                 )
-            return self
-        if len(self.windows) != self.channels:
+        elif len(self.windows) != self.channels:
             raise ValueError(
-                f"windows must give one (centre, width) per channel: {self.channels} channels, "
-                f"{len(self.windows)} windows"
+                f"windows must give one window per channel: {self.channels} channels, {len(self.windows)} windows"
             )
-        for centre, width in self.windows:
-            if not (math.isfinite(centre) and math.isfinite(width)) or width <= 0:
-                raise ValueError(f"windows entries must be finite (centre, width > 0), got {(centre, width)}")
         return self
+
+    @property
+    def in_channels(self) -> int:
+        """The network's input channels: per-slice channels times the slices stacked."""
+        return self.channels * (2 * self.neighbours + 1)
+
+    def ct_windows(self) -> list[Window]:
+        """The windows CT channels show, default ones included."""
+        if self.windows is not None:
+            return list(self.windows)
+        names = {value: name for name, value in NAMED_CT_WINDOWS.items()}
+        return [Window(name=names[pair], centre=pair[0], width=pair[1]) for pair in DEFAULT_CT_WINDOWS[: self.channels]]
+
+    def window_pairs(self) -> list[tuple[float, float]]:
+        return [(w.centre, w.width) for w in self.ct_windows()]
+
+    def describe(self, ct: bool) -> list[str]:
+        """One line per network input channel, for the model card: what a reader of the card needs
+        to know to feed the model, or to check that a pretrained encoder fits it. ``ct``: the
+        model reads CT (Hounsfield windows), else images scaled by :data:`UNIT_MAPPING`."""
+        windows = self.ct_windows()
+        lines = []
+        for offset in range(-self.neighbours, self.neighbours + 1):
+            where = "this slice" if offset == 0 else f"slice {offset:+d}"
+            for k in range(self.channels):
+                what = (f"{windows[k].name} window {windows[k].centre:g}/{windows[k].width:g} HU" if ct
+                        else f"{UNIT_MAPPING} (copy {k + 1} of {self.channels})")
+                lines.append(f"{where}: {what}")
+        return lines
+
+
+def neighbour_picks(groups: Sequence[int], index: int, neighbours: int) -> list[int]:
+    """Slice ``index`` and its ``neighbours`` on either side, in slice order, as indices into the
+    slices; steps stop at the ends of the slice's own group (series or study), so an end slice is
+    repeated rather than borrowed from the next study."""
+    picks = []
+    for offset in range(-neighbours, neighbours + 1):
+        at, step = index, (1 if offset > 0 else -1)
+        for _ in range(abs(offset)):
+            if 0 <= at + step < len(groups) and groups[at + step] == groups[index]:
+                at += step
+        picks.append(at)
+    return picks
+
+
+def stack_neighbours(slices: torch.Tensor, neighbours: int, groups: Sequence[int] | None = None) -> torch.Tensor:
+    """(N, C, S, S) per-slice inputs in slice order -> (N, C * (2n + 1), S, S): the 2.5D input of
+    :class:`InputSpec` ``neighbours``, each slice with its neighbours (see :func:`neighbour_picks`)."""
+    if neighbours == 0:
+        return slices
+    ids = list(groups) if groups is not None else [0] * slices.shape[0]
+    if len(ids) != slices.shape[0]:
+        raise ValueError(f"groups has {len(ids)} entries for {slices.shape[0]} slices")
+    return torch.stack([slices[neighbour_picks(ids, i, neighbours)].flatten(0, 1) for i in range(len(ids))])
 
 
 def image_input(source: Path | Dataset, frame: int, spec: InputSpec) -> torch.Tensor:
@@ -89,7 +178,7 @@ def image_input(source: Path | Dataset, frame: int, spec: InputSpec) -> torch.Te
     """
     stored, encoding = prepare_image(source, frame, spec.size)
     decoded = decode_hu(stored) if encoding == "hu" else decode_unit(stored)
-    return eval_view(torch.from_numpy(decoded), encoding, spec.size, spec.channels, spec.windows)
+    return eval_view(torch.from_numpy(decoded), encoding, spec.size, spec.channels, spec.window_pairs())
 
 
 def letterbox_box(rows: int, columns: int, aspect: float, size: int) -> tuple[int, int, int, int]:

@@ -12,9 +12,22 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
+from models.preprocess import InputSpec
+
 PRIVATE_SCHEME = "99PACSNODE"
 TaskName = Literal["cxr-abnormality", "ct-hemorrhage", "mr-metastasis"]
 TaskKind = Literal["classification", "slice-classification", "segmentation"]
+
+# The channel convention of the one encoder all tasks share: head CT as the brain, subdural and bone
+# windows radiologists read it in (acute blood is 50-90 HU against 20-45 HU for brain: under a
+# soft-tissue window it spans a tenth of the grey range, under the brain window most of it); every
+# other image replicated over the three channels.
+HEAD_CT_WINDOWS = ("brain", "subdural", "bone")
+SHARED_CHANNELS = len(HEAD_CT_WINDOWS)
+CT_NEIGHBOURS = 0
+CT_SIZE = 128
+CXR_SIZE = 128
+MR_SIZE = 128
 
 
 class CodedConcept(BaseModel):
@@ -43,6 +56,9 @@ class TaskSpec(BaseModel):
     body_parts: tuple[str, ...]
     findings: tuple[FindingSpec, ...]
     description: str
+    input: InputSpec
+    """The declared network input (resolution, channels and what each is): finetuning, evaluation and
+    inference use it unless a recipe gives another, and the card records the one used."""
 
     @property
     def outputs(self) -> list[str]:
@@ -62,6 +78,7 @@ def task_specs() -> dict[str, TaskSpec]:
     cxr = TaskSpec(
         name="cxr-abnormality", kind="classification", modalities=("CR", "DX"), body_parts=("CHEST",),
         description="Chest radiograph abnormalities, one probability per finding plus any abnormality",
+        input=InputSpec(size=CXR_SIZE, channels=SHARED_CHANNELS),
         findings=(
             FindingSpec(name="any", concept=_sct("263654008", "Abnormal")),
             FindingSpec(name="nodule", concept=_sct("27925004", "Nodule")),
@@ -73,6 +90,7 @@ def task_specs() -> dict[str, TaskSpec]:
     ct = TaskSpec(
         name="ct-hemorrhage", kind="slice-classification", modalities=("CT",), body_parts=("HEAD", "BRAIN"),
         description="Head CT hemorrhage per slice, aggregated to the study (maximum over slices)",
+        input=InputSpec.ct(CT_SIZE, list(HEAD_CT_WINDOWS), neighbours=CT_NEIGHBOURS),
         findings=(
             FindingSpec(name="any", concept=_sct("1386000", "Intracranial hemorrhage")),
             FindingSpec(name="epidural", concept=_private("EDH", "Epidural hemorrhage")),
@@ -85,6 +103,7 @@ def task_specs() -> dict[str, TaskSpec]:
     mr = TaskSpec(
         name="mr-metastasis", kind="segmentation", modalities=("MR",), body_parts=("HEAD", "BRAIN"),
         description="Brain MR metastases: a 3D mask from per-slice segmentation, split into lesions with volumes",
+        input=InputSpec(size=MR_SIZE, channels=SHARED_CHANNELS),
         findings=(FindingSpec(name="metastasis", concept=_sct("128462008", "Metastasis")),),
     )
     return {spec.name: spec for spec in (cxr, ct, mr)}

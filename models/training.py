@@ -15,7 +15,6 @@ from typing import Any
 from models.card import ModelCard
 from models.dataset import collect_studies, patient_split, subsample
 from models.finetune import FinetuneConfig, FinetuneResult, build_data, finetune, initial_encoder, save_model
-from models.preprocess import InputSpec
 from models.tasks import task_spec
 
 Progress = Callable[[int, float, float | None], None]
@@ -40,14 +39,14 @@ def train_task_model(
     studies not in the data, an encoder with another input spec, ...).
     """
     spec = task_spec(task)
-    encoder, source = initial_encoder(init, config)
+    encoder, source = initial_encoder(init, config, spec)
     items = collect_studies(data, labels, modality=spec.modalities, slice_labels=slice_labels)
     splits = patient_split(items, seed=config.seed)
     train_items = subsample(splits["train"], fraction=label_fraction, seed=config.seed) if label_fraction \
         else splits["train"]
     announce(f"{task}: {len(train_items)} training, {len(splits['val'])} validation, {len(splits['test'])} test "
              f"studies (patient-level split); init {init}, {config.regime}")
-    input_spec = InputSpec(size=config.size, channels=config.channels)
+    input_spec = config.input_for(spec)
     train_data = build_data(spec, train_items, input_spec)
     val_data = build_data(spec, splits["val"], input_spec)
     result = finetune(spec, train_data, val_data, config, encoder=encoder, progress=progress,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import enum
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 PROCESS_STUDY_TASK = "pacsnode.process_study"
 
@@ -67,14 +67,26 @@ class ResultFile(BaseModel):
 
 
 class ReportedFinding(BaseModel):
-    """One model output for the study: its probability and the call at the model card's threshold."""
+    """One model output for the study: its calibrated probability and the call at the model card's
+    threshold; a finding the card does not assess has no call (``present`` and ``threshold`` null,
+    ``assessed`` false) and the reason."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     probability: float = Field(ge=0, le=1)
-    present: bool
+    present: bool | None
+    threshold: float | None = Field(default=None, ge=0, le=1)
+    assessed: bool = True
+    reason: str = Field(default="", description="why the finding is not assessed")
     lesions: int | None = Field(default=None, ge=0, description="segmentation models: lesions found")
     volume_mm3: float | None = Field(default=None, ge=0, description="segmentation models: their total volume")
+
+    @model_validator(mode="after")
+    def _call_or_reason(self) -> ReportedFinding:
+        if self.assessed != (self.present is not None) or self.assessed == bool(self.reason):
+            raise ValueError("a finding is either assessed (present true/false, no reason) or not "
+                             "(present null, assessed false, a reason)")
+        return self
 
 
 class ReportMessage(BaseModel):

@@ -122,7 +122,9 @@ class Finding:
     """One model output: its probability, and the call at the model's threshold where reported.
 
     Workers report ``{name: probability}``; a report of ``{name: {"probability": p, "present":
-    bool}}`` also carries the call. ``present`` is None where the call is not known.
+    bool, "threshold": t}}`` also carries the call and what it was made at. ``present`` is None
+    where the call is not known; ``not_assessed`` holds the reason where the model makes no call on
+    this finding (reported as ``"assessed": false``), which the text then shows instead of a call.
     """
 
     name: str
@@ -130,12 +132,19 @@ class Finding:
     present: bool | None
     lesions: int | None = None
     volume_mm3: float | None = None
+    threshold: float | None = None
+    not_assessed: str | None = None
 
     def text(self) -> str:
+        """``any 0.82 (threshold 0.41) PRESENT``, or ``epidural 0.07 not assessed (why)``."""
         parts = [self.name]
         if self.probability is not None:
             parts.append(f"{self.probability:.2f}")
-        if self.present is not None:
+        if self.not_assessed is not None:
+            parts.append(f"not assessed ({self.not_assessed})" if self.not_assessed else "not assessed")
+        elif self.present is not None:
+            if self.threshold is not None:
+                parts.append(f"(threshold {self.threshold:.2f})")
             parts.append("PRESENT" if self.present else "ABSENT")
         if self.lesions:
             parts.append(f"({self.lesions} lesion{'s' if self.lesions > 1 else ''}, "
@@ -144,9 +153,17 @@ class Finding:
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"name": self.name, "probability": self.probability, "present": self.present}
+        if self.threshold is not None:
+            out["threshold"] = self.threshold
+        if self.not_assessed is not None:
+            out |= {"assessed": False, "reason": self.not_assessed}
         if self.lesions is not None:  # segmentation models only
             out |= {"lesions": self.lesions, "volume_mm3": self.volume_mm3}
         return out
+
+
+def _number(value: object) -> float | None:
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
 def parse_findings(raw: str) -> tuple[Finding, ...]:
@@ -164,17 +181,14 @@ def parse_findings(raw: str) -> tuple[Finding, ...]:
         elif isinstance(value, int | float):
             findings.append(Finding(name, float(value), None))
         elif isinstance(value, dict):
-            probability = value.get("probability")
-            present = value.get("present")
             lesions = value.get("lesions")
-            volume = value.get("volume_mm3")
+            present = value.get("present")
+            reason = value.get("reason")
             findings.append(Finding(
-                name,
-                float(probability) if isinstance(probability, int | float) and not isinstance(probability, bool)
-                else None,
-                present if isinstance(present, bool) else None,
+                name, _number(value.get("probability")), present if isinstance(present, bool) else None,
                 lesions if isinstance(lesions, int) and not isinstance(lesions, bool) else None,
-                float(volume) if isinstance(volume, int | float) and not isinstance(volume, bool) else None,
+                _number(value.get("volume_mm3")), _number(value.get("threshold")),
+                (reason if isinstance(reason, str) else "") if value.get("assessed") is False else None,
             ))
     return tuple(findings)
 

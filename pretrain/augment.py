@@ -44,6 +44,7 @@ from pretrain.shards import HU_OFFSET, Encoding
 
 __all__ = [
     "DEFAULT_CT_WINDOWS",
+    "NAMED_CT_WINDOWS",
     "AugmentConfig",
     "CropSpec",
     "Encoding",
@@ -53,17 +54,19 @@ __all__ = [
     "window",
 ]
 
-# (centre, width) in HU. The order matters: a C-channel network gets the first C windows (stacked,
-# like a radiologist flipping between presets), at training and at inference alike, so the first
-# three form a general-purpose body set and the head-specific presets follow.
-DEFAULT_CT_WINDOWS: tuple[tuple[float, float], ...] = (
-    (40.0, 400.0),  # soft tissue / abdomen
-    (-600.0, 1500.0),  # lung
-    (600.0, 2800.0),  # bone (wide)
-    (40.0, 80.0),  # brain
-    (75.0, 215.0),  # subdural
-    (40.0, 40.0),  # stroke (narrow grey/white matter contrast)
-)
+# The CT display windows radiologists read with, by name: (centre, width) in HU.
+NAMED_CT_WINDOWS: dict[str, tuple[float, float]] = {
+    "soft-tissue": (40.0, 400.0),
+    "lung": (-600.0, 1500.0),
+    "bone": (600.0, 2800.0),
+    "brain": (40.0, 80.0),
+    "subdural": (75.0, 215.0),
+    "stroke": (40.0, 40.0),  # narrow grey/white matter contrast
+}
+# The order matters: a C-channel network gets the first C windows (stacked, like a radiologist
+# flipping between presets), at training and at inference alike, so the first three form a
+# general-purpose body set and the head-specific presets follow.
+DEFAULT_CT_WINDOWS: tuple[tuple[float, float], ...] = tuple(NAMED_CT_WINDOWS.values())
 
 _AIR_HU = -float(HU_OFFSET)  # the lowest stored HU; what lies outside the patient
 

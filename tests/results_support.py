@@ -53,7 +53,10 @@ def make_card(task: str, *, version: str = "1.0.0", device_uid: str = DEVICE_UID
         applies_to=AppliesTo(modalities=spec.modalities, body_parts=spec.body_parts),
         encoder=EncoderSpec(),
         input=InputSpec(size=64),
-        outputs=[OutputSpec(name=f.name, concept=f.concept, threshold=0.5) for f in spec.findings],
+        outputs=[OutputSpec(name=f.name, concept=f.concept, threshold=0.5, threshold_rule="fixed 0.5 (test card)",
+                            assessed=True) for f in spec.findings],
+        deployable=True,
+        deployability="test card",
         device_uid=device_uid,
         created="2024-08-01T00:00:00Z",
     )

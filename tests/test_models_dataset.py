@@ -34,7 +34,15 @@ from models.dataset import (
     read_seg_masks,
     subsample,
 )
-from models.preprocess import InputSpec, PixelDataError, image_input, letterbox_box, mask_input, mask_output
+from models.preprocess import (
+    InputSpec,
+    PixelDataError,
+    Window,
+    image_input,
+    letterbox_box,
+    mask_input,
+    mask_output,
+)
 from node.synth import Manifest, StudyRecord, generate
 from pretrain.augment import DEFAULT_CT_WINDOWS, eval_view
 from pretrain.decode import prepare_image, resize_square
@@ -448,19 +456,19 @@ def test_ct_input_is_the_windowed_hounsfield_image(ct: StudyList) -> None:
     for channel, (centre, width) in enumerate(DEFAULT_CT_WINDOWS[:3]):
         expected = np.clip((hu - (centre - width / 2)) / width, 0, 1)
         np.testing.assert_allclose(image[channel].numpy(), expected, atol=1e-5)
-    custom = image_input(ref.path, 0, InputSpec(size=SIZE, windows=[(0.0, 100.0)]))
+    custom = image_input(ref.path, 0, InputSpec(size=SIZE, windows=(Window(name="custom", centre=0.0, width=100.0),)))
     np.testing.assert_allclose(custom[0].numpy(), np.clip((hu + 50) / 100, 0, 1), atol=1e-5)
 
 
 def test_input_spec_is_validated() -> None:
-    with pytest.raises(pydantic.ValidationError, match="one \\(centre, width\\) per channel"):
-        InputSpec(channels=2, windows=[(40.0, 80.0)])
-    with pytest.raises(pydantic.ValidationError, match="width > 0"):
-        InputSpec(windows=[(40.0, 0.0)])
+    with pytest.raises(pydantic.ValidationError, match="one window per channel"):
+        InputSpec(channels=2, windows=(Window.named("brain"),))
+    with pytest.raises(pydantic.ValidationError, match="greater than 0"):
+        InputSpec(windows=({"name": "flat", "centre": 40.0, "width": 0.0},))  # type: ignore[arg-type]
     with pytest.raises(pydantic.ValidationError, match="default CT windows"):
         InputSpec(channels=len(DEFAULT_CT_WINDOWS) + 1)
     with pytest.raises(pydantic.ValidationError):
-        InputSpec(size=128, window=[(40.0, 80.0)])  # type: ignore[call-arg]
+        InputSpec(size=128, window=(Window.named("brain"),))  # type: ignore[call-arg]
     with pytest.raises(pydantic.ValidationError):
         InputSpec().size = 3  # type: ignore[misc]
     assert InputSpec.model_validate_json(InputSpec(channels=2).model_dump_json()) == InputSpec(channels=2)
@@ -534,7 +542,7 @@ def test_mask_input_lies_over_the_image(ct: StudyList) -> None:
     ds = pydicom.dcmread(ct[0].slices[SLICES // 2].path)
     ds.PixelSpacing = ["0.5", "1.0"]  # rows half as tall: the image is squashed vertically
     hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
-    spec = InputSpec(size=96, windows=[(-500.0, 1.0)])  # a step at -500 HU: the head outline
+    spec = InputSpec(size=96, windows=(Window(name="outline", centre=-500.0, width=1.0),))  # a step at -500 HU
     image = image_input(ds, 0, spec)[0] > 0.5
     mask = mask_input(hu > -500, ds, spec).bool()
     assert int(mask[:20].sum()) == 0 and int(mask.sum()) > 500  # padded above: rows were squashed

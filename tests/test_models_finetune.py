@@ -50,8 +50,8 @@ def _items(phantoms: Path, task: str) -> list[StudyItem]:
 def test_task_finetunes_registers_reloads_and_evaluates(phantoms: Path, tmp_path: Path, task: str, regime: str) -> None:
     spec = task_spec(task)
     splits = patient_split(_items(phantoms, task), seed=0)
-    config = FinetuneConfig(size=64, steps=6, batch_size=4, eval_every=3, regime=regime)  # type: ignore[arg-type]
     inputs = InputSpec(size=64)
+    config = FinetuneConfig(input=inputs, steps=6, batch_size=4, eval_every=3, regime=regime)  # type: ignore[arg-type]
     val = build_data(spec, splits["val"], inputs)
     result = finetune(spec, build_data(spec, splits["train"], inputs), val, config)
     assert result.steps_run == 6 and [step for step, _ in result.curve] == [3, 6]
@@ -61,11 +61,14 @@ def test_task_finetunes_registers_reloads_and_evaluates(phantoms: Path, tmp_path
                       encoder_source={"init": "scratch"})
     assert [o.name for o in card.outputs] == spec.outputs
     assert all(o.concept == f.concept for o, f in zip(card.outputs, spec.findings, strict=True))
-    assert set(result.thresholds) == set(spec.outputs) and all(0 <= t <= 1 for t in result.thresholds.values())
+    assert card.outputs == result.outputs
+    # 2 validation studies: no finding has the cases for a threshold, so none is called.
+    assert all(o.threshold is None and not o.assessed for o in card.outputs if spec.kind != "segmentation")
     assert card.device_uid.startswith("2.25.")
     saved = yaml.safe_load((tmp_path / "out" / "card.yaml").read_text())
     assert saved["outputs"][0]["concept"]["scheme"] in ("SCT", "99PACSNODE")
-    assert saved["outputs"][0]["threshold"] == pytest.approx(result.thresholds[spec.outputs[0]])
+    assert saved["outputs"][0]["threshold"] == result.outputs[0].threshold
+    assert saved["format"] == "pacsnode-model/2" and isinstance(saved["deployable"], bool) and saved["deployability"]
 
     folder = register(tmp_path / "registry", tmp_path / "out")
     network, loaded = load_model(resolve(tmp_path / "registry", f"{task}@1"))
@@ -87,7 +90,7 @@ def test_task_finetunes_registers_reloads_and_evaluates(phantoms: Path, tmp_path
 def test_retraining_gets_a_new_device_uid_and_version(phantoms: Path, tmp_path: Path) -> None:
     spec = task_spec("cxr-abnormality")
     splits = patient_split(_items(phantoms, "cxr-abnormality"), seed=0)
-    config = FinetuneConfig(size=32, steps=2, batch_size=2, eval_every=2)
+    config = FinetuneConfig(input=InputSpec(size=32), steps=2, batch_size=2, eval_every=2)
     train_data = build_data(spec, splits["train"], InputSpec(size=32))
     val = build_data(spec, splits["val"], InputSpec(size=32))
     uids = set()
@@ -112,10 +115,30 @@ def test_pretrained_encoder_with_another_input_spec_is_refused(tmp_path: Path) -
     train(blob_shards(tmp_path / "shards", images=16), PretrainConfig.model_validate(tiny_recipe(run={"max_steps": 1})),
           tmp_path / "run", cpu, progress=False)
     export_encoder(tmp_path / "run", tmp_path / "encoder")
-    encoder, source = initial_encoder(str(tmp_path / "encoder"), FinetuneConfig(arch="resnet18", channels=1))
+    cxr = task_spec("cxr-abnormality")
+    one_channel = InputSpec(size=64)
+    encoder, source = initial_encoder(str(tmp_path / "encoder"), FinetuneConfig(input=one_channel), cxr)
     assert encoder.spec == EncoderSpec(arch="resnet18", in_channels=1) and source["steps"] == 1
     with pytest.raises(ValueError, match="resnet18 with 1 input channel"):
-        initial_encoder(str(tmp_path / "encoder"), FinetuneConfig(arch="resnet50", channels=1))
+        initial_encoder(str(tmp_path / "encoder"), FinetuneConfig(arch="resnet50", input=one_channel), cxr)
+
+
+def test_an_encoder_pretrained_on_other_ct_windows_is_refused(tmp_path: Path) -> None:
+    """Three channels both, but soft-tissue/lung/bone is not the brain/subdural/bone head CT reads."""
+    cpu = Runtime(device=torch.device("cpu"), rank=0, world=1, local_rank=0)
+    from pretrain.config import PretrainConfig
+
+    recipe = tiny_recipe(run={"max_steps": 1}, model={"encoder": {"in_channels": 3}},
+                         augment={"ct_windows": [[40, 400], [-600, 1500], [600, 2800]]})
+    train(blob_shards(tmp_path / "shards", images=16), PretrainConfig.model_validate(recipe), tmp_path / "run", cpu,
+          progress=False)
+    export_encoder(tmp_path / "run", tmp_path / "encoder")
+    head_ct = task_spec("ct-hemorrhage")
+    with pytest.raises(ValueError, match="pretrained with CT channels"):
+        initial_encoder(str(tmp_path / "encoder"), FinetuneConfig(), head_ct)
+    cxr = task_spec("cxr-abnormality")  # radiographs replicate over the channels: any windows fit
+    encoder, _ = initial_encoder(str(tmp_path / "encoder"), FinetuneConfig(), cxr)
+    assert encoder.spec.in_channels == 3
 
 
 def test_cli_finetune_models_and_evaluate(phantoms: Path, tmp_path: Path) -> None:
@@ -129,13 +152,16 @@ def test_cli_finetune_models_and_evaluate(phantoms: Path, tmp_path: Path) -> Non
     registry = str(tmp_path / "registry")
     done = runner.invoke(app, ["finetune", "--task", "cxr-abnormality", "--data", str(phantoms), "--labels",
                                str(phantoms / "labels.csv"), "--steps", "4", "--size", "32", "--models-dir", registry,
-                               "--out", str(tmp_path / "model")], catch_exceptions=False)
+                               "--out", str(tmp_path / "model"), "--min-cases-for-threshold", "2",
+                               "--finding-auc-gate", "0.8", "--dice-gate", "0.6"], catch_exceptions=False)
     assert done.exit_code == 0, done.output
-    assert "registered cxr-abnormality@1" in done.output
+    assert "registered cxr-abnormality@1" in done.output  # registered even where not deployable
+    recipe = yaml.safe_load((tmp_path / "model" / "card.yaml").read_text())["training"]["config"]
+    assert (recipe["min_cases_for_threshold"], recipe["finding_auc_gate"], recipe["dice_gate"]) == (2, 0.8, 0.6)
     assert sorted(p.name for p in (tmp_path / "registry" / "cxr-abnormality" / "1").iterdir()) == [
         "card.yaml", "model.safetensors"]
     listed = runner.invoke(app, ["models", "list", "--models-dir", registry])
-    assert "cxr-abnormality" in listed.output
+    assert "cxr-abnormality" in listed.output and "deployable" in listed.output
     shown = runner.invoke(app, ["models", "show", "cxr-abnormality@1", "--models-dir", registry])
     assert "device_uid: 2.25." in shown.output and "287272002" in shown.output
     evaluated = runner.invoke(app, ["evaluate", "--model", "cxr-abnormality", "--data", str(phantoms), "--labels",

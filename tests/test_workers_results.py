@@ -26,6 +26,7 @@ from node.messages import ResultKind
 from node.synth import Manifest
 from workers.outcome import StudyOutcome
 from workers.results import ResultContext, ResultSet, build_results, result_uid
+from workers.results.summary import summary_lines
 
 KINDS = ("cxr", "ct-head", "mr-brain")
 SERIES_NUMBERS = {ResultKind.SR: 9001, ResultKind.SEG: 9002, ResultKind.KO: 9003, ResultKind.SC: 9004}
@@ -339,6 +340,63 @@ def test_sc_is_an_8_bit_page_of_text(kind: str, results: dict[str, ResultSet]) -
     assert pixels.dtype == np.uint8 and pixels.shape[1] == 768
     lit = float((pixels > 128).mean())
     assert 0.005 < lit < 0.3  # text on a dark page, not blank and not a white block
+
+
+# ------------------------------------------------------------------------------ not assessed
+
+NOT_ASSESSED = "validation AUC 0.61 < gate 0.70"
+
+
+def _without_call(outcome: StudyOutcome, index: int) -> StudyOutcome:
+    """``outcome`` with finding ``index`` not assessed, as a worker reports a finding below its gate."""
+    findings = list(outcome.findings)
+    findings[index] = dataclasses.replace(findings[index], present=None, threshold=None,
+                                          not_assessed_reason=NOT_ASSESSED)
+    return dataclasses.replace(outcome, findings=tuple(findings))
+
+
+def test_finding_below_its_gate_gets_no_call_in_any_object(outcomes: dict[str, StudyOutcome], tmp_path: Path) -> None:
+    outcome = _without_call(outcomes["ct-head"], 1)
+    made = build_results(outcome, rs.CONTEXT)
+    report = _report(made.sr)  # through bytes and back
+    groups = report.get_image_measurement_groups()
+    assert len(groups) == len(outcome.findings)
+    for group, finding in zip(groups, outcome.findings, strict=True):
+        (probability,) = group.get_measurements(name=codes.DCM.Probability)
+        assert probability.value == pytest.approx(finding.probability)
+        parameters = [str(e.value) for e in _walk(group[0]) if e.keyword == "TextValue"]  # the algorithm's
+        if finding.present is None:
+            assert group.get_qualitative_evaluations() == []
+            assert f"not assessed: {NOT_ASSESSED}" in parameters
+            assert not any(p.startswith("threshold=") for p in parameters)
+        else:
+            (evaluation,) = group.get_qualitative_evaluations()
+            assert evaluation.value == (codes.SCT.Present if finding.present else codes.SCT.Absent)
+            assert f"threshold={finding.threshold:g}" in parameters
+    path = tmp_path / "sr.dcm"
+    path.write_bytes(rs.encode(made.sr))
+    errors, warnings = rs.dciodvfy(path)
+    assert errors == []
+    assert [w for w in warnings if not any(accepted in w for accepted in ACCEPTED_WARNINGS)] == []
+
+    ko = _reread(made.ko)
+    (note,) = [item.TextValue for item in ko.ContentSequence if item.ConceptNameCodeSequence[0].CodeValue == "113012"]
+    skipped = outcome.findings[1]
+    assert f"{skipped.concept.meaning}: not assessed (probability {skipped.probability:.3f}, {NOT_ASSESSED})" in note
+    lines = summary_lines(outcome)
+    assert (skipped.name, f"{skipped.probability:.3f}", "-", "not assessed") in lines
+    assert any(NOT_ASSESSED in " ".join(row) for row in lines)
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"present": None, "threshold": None, "not_assessed_reason": ""}, "not_assessed_reason must say why"),
+    ({"present": None}, "threshold must be None"),
+    ({"threshold": None}, r"outcome\.findings\[0\]\.threshold is None but the finding has a call"),
+])
+def test_a_call_and_its_threshold_go_together(change: dict[str, object], message: str,
+                                              outcomes: dict[str, StudyOutcome]) -> None:
+    with pytest.raises(ValueError, match=message):
+        build_results(_finding_with(outcomes["cxr"], **change), rs.CONTEXT)
 
 
 # ------------------------------------------------------------------------------------- versions

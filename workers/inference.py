@@ -21,9 +21,9 @@ from pydicom.dataset import Dataset
 from scipy import ndimage
 from torch import nn
 
-from models.card import ModelCard
+from models.card import ModelCard, read_card
 from models.metrics import label_lesions
-from models.preprocess import image_input, mask_output
+from models.preprocess import image_input, mask_output, stack_neighbours
 from models.registry import load_model, resolve
 from node.messages import DispatchMessage
 from pretrain.decode import PixelDataError, number_of_frames, read_dataset
@@ -68,19 +68,17 @@ class LoadedModel:
 
 
 def _batches(selected: SelectedSeries, card: ModelCard) -> Iterator[torch.Tensor]:
+    """The card's input for every slice, in slice order (a 2.5D input stacks each slice's
+    neighbours of the series), in batches of ``BATCH``."""
     datasets: dict[Path, Dataset] = {}
-    batch: list[torch.Tensor] = []
+    slices: list[torch.Tensor] = []
     for item in selected.slices:
         source = _pixels(item, datasets)
         try:
-            batch.append(image_input(source, item.frame, card.input))
+            slices.append(image_input(source, item.frame, card.input))
         except PixelDataError as exc:
             raise Unreadable(f"image {item.sop_uid} frame {item.frame}: {exc.reason}") from exc
-        if len(batch) == BATCH:
-            yield torch.stack(batch)
-            batch = []
-    if batch:
-        yield torch.stack(batch)
+    yield from stack_neighbours(torch.stack(slices), card.input.neighbours).split(BATCH)
 
 
 def _pixels(item: SliceInput, cache: dict[Path, Dataset]) -> Path | Dataset:
@@ -105,21 +103,28 @@ class ModelCache:
     loaded: dict[str, LoadedModel] = field(default_factory=dict)
 
     def get(self, pipeline: str) -> LoadedModel:
+        """The pipeline's newest model; ``NotApplicable`` when none is installed or its card says it
+        is not deployable (its validation metric missed the gate): the study then ends not applicable
+        with the reason, as it would without a model, rather than carrying calls nobody should trust."""
         try:
             folder = resolve(self.models_dir, pipeline)
         except LookupError as exc:
             raise NotApplicable(f"no model installed for pipeline {pipeline!r}") from exc
         current = self.loaded.get(pipeline)
         if current is None or current.folder != folder:
+            card = read_card(folder)  # before the weights: a refused model never takes device memory
+            if not card.deployable:
+                raise NotApplicable(f"model {card.ref} is not deployable: {card.deployability}")
             current = LoadedModel.load(folder, self.device)
             self.loaded[pipeline] = current
         return current
 
 
-def _evidence(slices: tuple[SliceInput, ...], scores: np.ndarray, threshold: float) -> tuple[Dataset, ...]:
-    """The slices that drive a score: those at or above the threshold (else the top one), highest first."""
+def _evidence(slices: tuple[SliceInput, ...], scores: np.ndarray, threshold: float | None) -> tuple[Dataset, ...]:
+    """The slices that drive a score: those at or above the threshold (else, or without a threshold,
+    the top one), highest first."""
     order = [int(i) for i in np.argsort(-scores, kind="stable")]
-    above = [i for i in order if scores[i] >= threshold][:EVIDENCE_SLICES] or order[:1]
+    above = [i for i in order if threshold is not None and scores[i] >= threshold][:EVIDENCE_SLICES] or order[:1]
     return _distinct(slices[i].header for i in above)
 
 
@@ -132,22 +137,30 @@ def _distinct(headers: Iterator[Dataset] | list[Dataset]) -> tuple[Dataset, ...]
 
 def _classification(model: LoadedModel, selected: SelectedSeries, probs: torch.Tensor
                     ) -> tuple[tuple[FindingOutcome, ...], tuple[Dataset, ...]]:
+    """Per output: the calibrated study score (the highest image or slice; calibration keeps the
+    order, so calibrating each slice first gives the same maximum) and, for an assessed finding, the
+    call at the card's threshold on that scale; a finding the card does not assess gets no call."""
     values = probs.numpy()
     findings = []
     for k, output in enumerate(model.card.outputs):
-        score = float(values[:, k].max())
+        calibrated = output.calibration.apply(values[:, k])
+        score = float(calibrated.max())
+        threshold = output.operating_threshold
         findings.append(FindingOutcome(
-            name=output.name, concept=output.concept, probability=score, threshold=output.threshold,
-            present=score >= output.threshold, evidence=_evidence(selected.slices, values[:, k], output.threshold)))
+            name=output.name, concept=output.concept, probability=score, threshold=threshold,
+            present=None if threshold is None else score >= threshold,
+            evidence=_evidence(selected.slices, calibrated, threshold),
+            not_assessed_reason=output.not_assessed_reason))
     return tuple(findings), findings[0].evidence
 
 
 def _segmentation(model: LoadedModel, selected: SelectedSeries, probs: torch.Tensor
                   ) -> tuple[tuple[FindingOutcome, ...], tuple[Dataset, ...], SegmentationOutcome]:
     output = model.card.outputs[0]
+    threshold = model.card.mask_threshold()
     grid = np.stack([mask_output(probs[i], item.header, model.card.input, frame=item.frame)
                      for i, item in enumerate(selected.slices)])
-    labels, found = label_lesions(grid >= output.threshold, selected.spacing_mm())
+    labels, found = label_lesions(grid >= threshold, selected.spacing_mm())
     # One pass over the volume for every lesion's peak (not one boolean mask per lesion: an untrained
     # or noisy model can produce hundreds of specks).
     peaks = ndimage.maximum(grid, labels, index=[lesion.label for lesion in found]) if found else []
@@ -159,10 +172,10 @@ def _segmentation(model: LoadedModel, selected: SelectedSeries, probs: torch.Ten
     touched = sorted({i for lesion in lesions for i in lesion.slices})
     per_slice = grid.reshape(len(grid), -1).max(axis=1)
     evidence = (_distinct([selected.slices[i].header for i in touched]) if touched
-                else _evidence(selected.slices, per_slice, output.threshold))
+                else _evidence(selected.slices, per_slice, threshold))
     finding = FindingOutcome(name=output.name, concept=output.concept, probability=float(grid.max()),
-                             threshold=output.threshold, present=bool(lesions), evidence=evidence)
-    segmentation = _on_source_frames(selected, grid, labels, lesions, output.threshold)
+                             threshold=threshold, present=bool(lesions), evidence=evidence)
+    segmentation = _on_source_frames(selected, grid, labels, lesions, threshold)
     return (finding,), evidence, segmentation
 
 

@@ -19,18 +19,28 @@ from models.tasks import CodedConcept
 
 @dataclass(frozen=True)
 class FindingOutcome:
-    """One model output for the study: its probability and the call at the card's threshold.
+    """One model output for the study: its (calibrated) probability and the call at the card's threshold.
 
     ``evidence`` are the images the finding concerns: the radiograph, the CT slices that drive
-    the study score (highest slice probabilities), the MR slices a lesion touches.
+    the study score (highest slice probabilities), the MR slices a lesion touches. A finding the
+    card does not assess has no call: ``present`` and ``threshold`` are ``None`` and
+    ``not_assessed_reason`` says why; the result objects then show the probability alone.
     """
 
     name: str
     concept: CodedConcept
     probability: float
-    threshold: float
-    present: bool
+    threshold: float | None
+    present: bool | None
     evidence: tuple[Dataset, ...]
+    not_assessed_reason: str = ""
+
+    @property
+    def call(self) -> str:
+        """How the result objects' text states the call: "PRESENT", "absent" or "not assessed"."""
+        if self.present is None:
+            return "not assessed"
+        return "PRESENT" if self.present else "absent"
 
 
 @dataclass(frozen=True)

@@ -91,6 +91,8 @@ class StudyProcessor:
         lesions = outcome.segmentation.lesions if outcome.segmentation is not None else None
         findings: dict[str, ReportedFinding | float] = {
             f.name: ReportedFinding(probability=round(f.probability, 4), present=f.present,
+                                    threshold=None if f.threshold is None else round(f.threshold, 4),
+                                    assessed=f.present is not None, reason=f.not_assessed_reason,
                                     lesions=None if lesions is None else len(lesions),
                                     volume_mm3=None if lesions is None else round(sum(x.volume_mm3 for x in lesions), 1))
             for f in outcome.findings}

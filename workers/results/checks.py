@@ -47,7 +47,14 @@ def check_outcome(outcome: StudyOutcome) -> None:
         raise ValueError("outcome.findings is empty: the SR needs at least one finding")
     for i, finding in enumerate(outcome.findings):
         _unit_interval(finding.probability, f"outcome.findings[{i}].probability")
-        _unit_interval(finding.threshold, f"outcome.findings[{i}].threshold")
+        if finding.present is None:
+            if finding.threshold is not None or not finding.not_assessed_reason:
+                raise ValueError(f"outcome.findings[{i}] has no call: its threshold must be None and its "
+                                 "not_assessed_reason must say why")
+        else:
+            if finding.threshold is None:
+                raise ValueError(f"outcome.findings[{i}].threshold is None but the finding has a call")
+            _unit_interval(finding.threshold, f"outcome.findings[{i}].threshold")
         _in_study(finding.evidence, outcome.study_uid, f"outcome.findings[{i}].evidence")
     _in_study(outcome.key_images, outcome.study_uid, "outcome.key_images")
     if outcome.segmentation is not None:

@@ -33,11 +33,9 @@ def findings_note(outcome: StudyOutcome) -> str:
     card = outcome.card
     lines = [f"{card.name} v{card.version}: {WARNING}"]
     for finding in outcome.findings:
-        call = "PRESENT" if finding.present else "absent"
-        lines.append(
-            f"{finding.concept.meaning}: {call} (probability {finding.probability:.3f}, "
-            f"threshold {finding.threshold:.3f})"
-        )
+        basis = (f"threshold {finding.threshold:.3f}" if finding.threshold is not None
+                 else finding.not_assessed_reason)
+        lines.append(f"{finding.concept.meaning}: {finding.call} (probability {finding.probability:.3f}, {basis})")
     return "\n".join(lines)
 
 

@@ -1,8 +1,8 @@
 """The findings as a Comprehensive 3D SR with a TID 1500 Measurement Report at its root (IHE AIR).
 
 One measurement group per finding (TID 1501): its concept as the finding, "present"/"absent" as a
-qualitative evaluation, the probability as a unitless measurement and the images that drive it as
-source images. With a SEG, one volumetric group per lesion (TID 1411) references its segment and
+qualitative evaluation (none for a finding the model card does not assess), the calibrated
+probability as a unitless measurement and the images that drive it as source images. With a SEG, one volumetric group per lesion (TID 1411) references its segment and
 reports its volume and highest probability. The observer is the model as a DEVICE (its Device UID
 changes with every retraining) and the report stays UNVERIFIED and PRELIMINARY: a radiologist has
 not confirmed it. It is COMPLETE: a later run never adds to it, a new version supersedes it.
@@ -41,11 +41,24 @@ from workers.results.uids import RunUids
 SR_STORAGE_PREFIX = "1.2.840.10008.5.1.4.1.1.88."
 
 
-def _algorithm(outcome: StudyOutcome, threshold: float) -> hd.sr.AlgorithmIdentification:
-    """The model, with the operating threshold its call was made at."""
-    return hd.sr.AlgorithmIdentification(
-        name=outcome.card.name, version=outcome.card.version, parameters=[f"threshold={threshold:g}"]
-    )
+def _algorithm(outcome: StudyOutcome, parameter: str) -> hd.sr.AlgorithmIdentification:
+    """The model, with the parameter its call was made at (the operating threshold), or why it made none."""
+    return hd.sr.AlgorithmIdentification(name=outcome.card.name, version=outcome.card.version, parameters=[parameter])
+
+
+def _call(finding: FindingOutcome) -> tuple[str, list[hd.sr.QualitativeEvaluation]]:
+    """The algorithm parameter and the present/absent evaluation of ``finding``.
+
+    A finding the card does not assess keeps its measurement group, with the probability and the
+    evidence but without a qualitative evaluation: omitting the group would make "the model makes
+    no call here" look like "the model does not know this finding", and the reason (the algorithm
+    parameter "not assessed: ...") would have nowhere to go. TID 1501 makes the qualitative
+    evaluations optional, so the document stays valid.
+    """
+    if finding.present is None or finding.threshold is None:
+        return f"not assessed: {finding.not_assessed_reason}", []
+    value = PRESENT if finding.present else ABSENT
+    return f"threshold={finding.threshold:g}", [hd.sr.QualitativeEvaluation(name=coded(finding.concept), value=value)]
 
 
 def _finding_group(
@@ -58,16 +71,15 @@ def _finding_group(
         )
         for image in finding.evidence
     ]
+    parameter, evaluations = _call(finding)
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=hd.sr.TrackingIdentifier(
             uid=uids.uid(f"finding-{index}-{finding.name}"), identifier=finding.name
         ),
         finding_type=concept,
-        algorithm_id=_algorithm(outcome, finding.threshold),
+        algorithm_id=_algorithm(outcome, parameter),
         measurements=[hd.sr.Measurement(name=PROBABILITY, value=float(finding.probability), unit=NO_UNITS)],
-        qualitative_evaluations=[
-            hd.sr.QualitativeEvaluation(name=concept, value=PRESENT if finding.present else ABSENT)
-        ],
+        qualitative_evaluations=evaluations or None,
         source_images=sources or None,
     )
 
@@ -96,7 +108,7 @@ def _lesion_group(
         ),
         referenced_segment=segment,
         finding_type=concept,
-        algorithm_id=_algorithm(outcome, segmentation.threshold),
+        algorithm_id=_algorithm(outcome, f"threshold={segmentation.threshold:g}"),
         measurements=[
             hd.sr.Measurement(name=VOLUME, value=float(lesion.volume_mm3), unit=CUBIC_MILLIMETER),
             hd.sr.Measurement(

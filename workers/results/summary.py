@@ -8,6 +8,8 @@ every worker) and its bundled font, so the same outcome gives the same pixels on
 
 from __future__ import annotations
 
+import textwrap
+
 import highdicom as hd
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -30,6 +32,7 @@ LINE_HEIGHT = 26
 MARGIN = 24
 FONT_SIZE = 18
 COLUMNS = (MARGIN, 300, 450, 600)  # x of: finding, probability, threshold, call
+WRAP = 72  # characters of a full-width line: the bundled font's average lower-case glyph is 9 px wide
 BACKGROUND = 0
 TEXT = 255
 
@@ -45,8 +48,13 @@ def summary_lines(outcome: StudyOutcome) -> list[tuple[str, ...]]:
         ("Finding", "Probability", "Threshold", "Call"),
     ]
     for finding in outcome.findings:
-        call = "PRESENT" if finding.present else "absent"
-        rows.append((finding.name, f"{finding.probability:.3f}", f"{finding.threshold:.3f}", call))
+        threshold = "-" if finding.threshold is None else f"{finding.threshold:.3f}"
+        rows.append((finding.name, f"{finding.probability:.3f}", threshold, finding.call))
+    # Why a finding gets no call is too long for the table's last column: wrapped lines below it.
+    for finding in outcome.findings:
+        if finding.present is None:
+            text = f"{finding.name}: not assessed, {finding.not_assessed_reason}"
+            rows.extend((line,) for line in textwrap.wrap(text, WRAP, subsequent_indent="  "))
     if outcome.segmentation is not None and outcome.segmentation.lesions:
         rows.append(("",))
         for lesion in outcome.segmentation.lesions:
