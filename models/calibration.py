@@ -2,7 +2,7 @@
 
 A network's sigmoid is not a probability: trained with class weights and early-stopped on AUC, it
 is typically far too confident or too timid, and a max over slices inflates it further. Platt
-scaling (Platt 1999) fits ``p = sigmoid(slope * logit(score) + intercept)`` on the validation
+scaling (Platt 1999, with his smoothed targets) fits ``p = sigmoid(slope * logit(score) + intercept)`` on the validation
 split, at the level the model reports (the study score: the highest slice for head CT, the image
 for radiographs), so the calibrated value is what a reader should take as the probability. Two
 parameters cannot overfit a validation split of a few dozen studies the way a binned method
@@ -28,14 +28,14 @@ from sklearn.linear_model import LogisticRegression
 
 from models.metrics import binary_inputs
 
-__all__ = ["Calibration", "expected_calibration_error", "fit_platt"]
+__all__ = ["Calibration", "expected_calibration_error", "fit_platt", "platt_targets"]
 
 BINS = 10
 # Scores are clipped this far inside (0, 1) before the logit: a float32 sigmoid saturates at
 # exactly 0 or 1, whose logit is infinite.
 EPSILON = 1e-7
 # scikit-learn always regularises; at this C the L2 term is negligible next to the log-loss of a
-# validation split, so the fit is plain maximum likelihood, as Platt scaling is defined.
+# validation split, so the fit is maximum likelihood on Platt's smoothed targets, as he defined it.
 UNREGULARISED_C = 1e6
 
 
@@ -101,10 +101,22 @@ def expected_calibration_error(truth: npt.ArrayLike, probs: npt.ArrayLike, bins:
     return float(gap.sum() / count.sum())
 
 
+def platt_targets(y: np.ndarray) -> np.ndarray:
+    """Platt's (1999) smoothed targets: ``(N+ + 1) / (N+ + 2)`` for positives, ``1 / (N- + 2)`` for
+    negatives, the posterior means under a uniform prior. With hard 0/1 targets a validation split
+    the model separates perfectly has no finite maximum: the slope runs off and the "probability"
+    becomes a step from 0 to 1 (seen here: a threshold of 0.999999 at AUC 1.0). The smoothed
+    targets keep the slope finite, and say how sure a few dozen cases can make anyone."""
+    positives, negatives = int(y.sum()), int(len(y) - y.sum())
+    return np.where(y == 1, (positives + 1) / (positives + 2), 1 / (negatives + 2))
+
+
 def fit_platt(truth: npt.ArrayLike, scores: npt.ArrayLike, bins: int = BINS) -> Calibration:
     """Platt scaling of ``scores`` against ``truth``, with its ECE before and after.
 
-    A logistic regression on ``logit(score)``, effectively unregularised. Without both classes
+    A logistic regression on ``logit(score)`` against :func:`platt_targets`, effectively
+    unregularised; the soft targets are fitted exactly by giving each case once as a positive
+    (weight ``t``) and once as a negative (weight ``1 - t``). Without both classes
     there is nothing to fit, and the identity is returned. A fitted slope below zero (the score
     ranks the cases the wrong way round) carries no usable ordering: the calibrated probability is
     then the observed frequency whatever the score (slope 0).
@@ -115,7 +127,9 @@ def fit_platt(truth: npt.ArrayLike, scores: npt.ArrayLike, bins: int = BINS) -> 
     if y.all() or not y.any():
         return Calibration(method="identity", ece_before=ece, ece_after=ece, bins=bins)
     z = logit(np.clip(p, EPSILON, 1 - EPSILON))[:, None]
-    fit = LogisticRegression(C=UNREGULARISED_C, tol=1e-10, max_iter=10_000).fit(z, y)
+    t = platt_targets(y)
+    fit = LogisticRegression(C=UNREGULARISED_C, tol=1e-10, max_iter=10_000).fit(
+        np.vstack([z, z]), np.concatenate([np.ones(len(y)), np.zeros(len(y))]), sample_weight=np.concatenate([t, 1 - t]))
     slope, intercept = float(fit.coef_[0, 0]), float(fit.intercept_[0])
     if slope < 0:
         slope, intercept = 0.0, float(logit(y.mean()))

@@ -17,7 +17,8 @@ tuned into a win for pretraining:
    (train, validation and test) and the experiment refuses to go on if any is shared.
 3. **Pretraining once** (index, prepare, SwAV train, export) into ``out/pretrain``, cached.
 4. **Arms**: scratch, pretrained (supervised finetuning) and hybrid (pretrained + SwAV loss), each
-   with a small and the full labelled training set, per seed. One :class:`FinetuneConfig` (steps,
+   at each of the task's label sizes (``ExperimentSettings.sizes``: nested subsets of the training
+   split, and all of it: for CXR small, medium and >= 1,000 studies), per seed. One :class:`FinetuneConfig` (steps,
    schedule, augmentations, evaluation cadence, early stopping) for all; only the encoder's
    initial weights, the regime, the label count and the seed differ. Each finished arm is one JSON
    file in ``out/arms`` and is skipped when present, so a run can be stopped and resumed.
@@ -78,14 +79,15 @@ from models.finetune import (
 from models.metrics import dice
 from models.preprocess import InputSpec
 from models.report import to_jsonable
-from models.tasks import TaskSpec, task_spec
+from models.tasks import HEAD_CT_WINDOWS, SHARED_CHANNELS, TaskSpec, task_spec
 from node.synth import Difficulty, Kind, generate
+from pretrain.augment import DEFAULT_CT_WINDOWS, NAMED_CT_WINDOWS
 from pretrain.backbones import Encoder, EncoderSpec
 from pretrain.config import PretrainConfig
 from pretrain.export import load_encoder
 
 ARMS: tuple[str, ...] = ("scratch", "pretrained", "hybrid")
-SIZES: tuple[str, ...] = ("small", "full")
+SIZES: tuple[str, ...] = ("small", "medium", "full")  # label sizes, smallest first; "full" = the whole train split
 CALIBRATION_SEED = 0  # the seed of the calibration run, which doubles as the scratch/full arm of seed 0
 FROZEN = "frozen.json"
 SETTINGS = "settings.json"
@@ -165,7 +167,13 @@ class FinetuneRecipe(BaseModel):
 
 
 class PretrainRecipe(BaseModel):
-    """A CPU-sized SwAV recipe: ResNet-18, global crops at the finetuning size, few prototypes."""
+    """A CPU-sized SwAV recipe: ResNet-18, global crops at the finetuning size, few prototypes.
+
+    ``local_size`` (default half the global size) and ``local_scale`` place the local crops: at the
+    default (0.08-0.3 of the image area) a local crop mostly misses a phantom lesion; at lesion
+    scale (e.g. 0.02-0.08) it is mostly lesion or mostly background, so matching its code to the
+    global views' asks the encoder to tell them apart.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -180,6 +188,35 @@ class PretrainRecipe(BaseModel):
     freeze_prototypes_steps: int = 50
     queue_length: int = 0
     queue_start_epoch: int = 2
+    global_scale: tuple[float, float] = (0.3, 1.0)
+    local_size: int | None = Field(None, ge=8)
+    local_scale: tuple[float, float] = (0.08, 0.3)
+    augment: dict[str, Any] = Field(default_factory=dict, description="AugmentConfig fields that differ from its "
+                                    "defaults (validated there), e.g. milder intensity jitter")
+
+    def swav_config(self, *, size: int, images: int, device: str, seed: int = 0) -> PretrainConfig:
+        """The full SwAV config at global crop ``size``, its epochs chosen so that about ``steps``
+        steps end the schedule, on the shared 3-channel convention (head-CT windows first)."""
+        per_epoch = max(1, images // self.batch_size)
+        epochs = max(1, round(self.steps / per_epoch))
+        crops: list[dict[str, Any]] = [{"size": size, "count": 2, "scale": list(self.global_scale)}]
+        if self.local_crops:
+            crops.append({"size": self.local_size or size // 2, "count": self.local_crops,
+                          "scale": list(self.local_scale)})
+        windows = [list(NAMED_CT_WINDOWS[name]) for name in HEAD_CT_WINDOWS]
+        windows += [list(pair) for pair in DEFAULT_CT_WINDOWS if list(pair) not in windows]
+        return PretrainConfig.model_validate({
+            "model": {"encoder": {"arch": "resnet18", "in_channels": SHARED_CHANNELS}, "hidden_dim": self.hidden_dim,
+                      "out_dim": self.out_dim, "prototypes": self.prototypes},
+            "crops": crops,
+            "augment": {**self.augment, "ct_windows": windows},
+            "swav": {"freeze_prototypes_steps": self.freeze_prototypes_steps, "queue_length": self.queue_length,
+                     "queue_start_epoch": self.queue_start_epoch},
+            "optim": {"name": "adamw", "lr": self.lr, "warmup_steps": self.warmup_steps, "final_lr": 0.0,
+                      "weight_decay": 1e-4},
+            "run": {"seed": seed, "batch_size": self.batch_size, "epochs": epochs, "loader_workers": 0,
+                    "checkpoint_every": 100, "log_every": 10, "amp": "bf16", "device": device, "mix_shards": 4},
+        })
 
 
 class ExperimentSettings(BaseModel):
@@ -195,7 +232,8 @@ class ExperimentSettings(BaseModel):
     subset_seed: int = 0
     seeds: tuple[int, ...] = (0, 1, 2)
     labelled_studies: dict[str, int] = Field(description="Labelled phantom studies per task (all splits)")
-    small_studies: dict[str, int] = Field(description="Training studies of the small labelled set per task")
+    subset_studies: dict[str, dict[str, int]] = Field(
+        description="Per task, the training studies of each label subset (small, medium) finetuned beside the full set")
     archive_studies: dict[str, int] = Field(description="Unlabelled archive studies per task family's kind")
     slices: int = 12
     synth_size: int = 128
@@ -216,18 +254,22 @@ class ExperimentSettings(BaseModel):
             # Sized for at most ~2.3 h on 2 CPU cores (estimated from --quick's per-step and per-sample costs).
             return cls(
                 mode="full", slices=10,
-                labelled_studies={"cxr-abnormality": 240, "ct-hemorrhage": 100, "mr-metastasis": 100},
-                small_studies={"cxr-abnormality": 24, "ct-hemorrhage": 10, "mr-metastasis": 10},
-                archive_studies={"cxr-abnormality": 400, "ct-hemorrhage": 80, "mr-metastasis": 80},
+                labelled_studies={"cxr-abnormality": 1700, "ct-hemorrhage": 200, "mr-metastasis": 200},
+                subset_studies={"cxr-abnormality": {"small": 24, "medium": 120}, "ct-hemorrhage": {"small": 10},
+                                "mr-metastasis": {"small": 10}},
+                # 20,000 archive images: the lever that moved the probe on all three tasks
+                # (bench/results/pretrain-levers/levers.md), one epoch of SwAV.
+                archive_studies={"cxr-abnormality": 4000, "ct-hemorrhage": 800, "mr-metastasis": 800},
                 finetune=FinetuneRecipe(steps=120, batch_size=16, warmup_steps=10, eval_every=10, patience=10),
-                pretrain=PretrainRecipe(steps=350, batch_size=32, local_crops=4, prototypes=100,
+                pretrain=PretrainRecipe(steps=625, batch_size=32, local_crops=4, prototypes=100,
                                         queue_length=512),
             )
         if mode == "quick":
             return cls(
                 mode="quick", seeds=(0,), slices=8,
                 labelled_studies={"cxr-abnormality": 80, "ct-hemorrhage": 30, "mr-metastasis": 30},
-                small_studies={"cxr-abnormality": 12, "ct-hemorrhage": 6, "mr-metastasis": 6},
+                subset_studies={"cxr-abnormality": {"small": 12, "medium": 30}, "ct-hemorrhage": {"small": 6},
+                                "mr-metastasis": {"small": 6}},
                 archive_studies={"cxr-abnormality": 80, "ct-hemorrhage": 12, "mr-metastasis": 12},
                 finetune=FinetuneRecipe(steps=40, batch_size=16, warmup_steps=4, eval_every=5, patience=8),
                 pretrain=PretrainRecipe(steps=60, batch_size=16, local_crops=2, prototypes=30,
@@ -238,7 +280,8 @@ class ExperimentSettings(BaseModel):
                 mode="tiny", seeds=(0,), slices=3, synth_size=48, input_size=32, workers=1,
                 candidates=("easy", "hard"),
                 labelled_studies={"cxr-abnormality": 12, "ct-hemorrhage": 12, "mr-metastasis": 12},
-                small_studies={"cxr-abnormality": 3, "ct-hemorrhage": 3, "mr-metastasis": 3},
+                subset_studies={"cxr-abnormality": {"small": 3, "medium": 5}, "ct-hemorrhage": {"small": 3},
+                                "mr-metastasis": {"small": 3}},
                 archive_studies={"cxr-abnormality": 4, "ct-hemorrhage": 2, "mr-metastasis": 2},
                 finetune=FinetuneRecipe(steps=2, batch_size=4, warmup_steps=0, eval_every=2, patience=4),
                 pretrain=PretrainRecipe(steps=2, batch_size=4, local_crops=2, prototypes=8, hidden_dim=32,
@@ -251,44 +294,33 @@ class ExperimentSettings(BaseModel):
         """The one finetuning recipe of a task; its arms differ only in ``regime`` and ``seed`` (and init, data)."""
         recipe = self.finetune
         lr = recipe.lr_by_task.get(task, recipe.lr)
-        return FinetuneConfig(regime=regime, arch="resnet18", input=self.input_spec(), steps=recipe.steps,
+        return FinetuneConfig(regime=regime, arch="resnet18", input=self.input_spec(task), steps=recipe.steps,
                               batch_size=recipe.batch_size, lr=lr, warmup_steps=recipe.warmup_steps,
                               eval_every=recipe.eval_every, patience=recipe.patience, seed=seed, device=device)
 
-    def input_spec(self) -> InputSpec:
-        """Every arm's input: one channel at ``input_size`` (the frozen design of the committed report)."""
-        return InputSpec(size=self.input_size, channels=1)
+    def sizes(self, task: str) -> tuple[str, ...]:
+        """The label sizes a task is finetuned at, smallest first; every task has ``full``."""
+        return tuple(size for size in SIZES if size == "full" or size in self.subset_studies.get(task, {}))
+
+    def input_spec(self, task: str) -> InputSpec:
+        """A task's input in every arm: its declared channels (head CT: brain, subdural and bone
+        windows; the rest replicated) at ``input_size``, the size the encoder was pretrained at."""
+        return task_spec(task).input.model_copy(update={"size": self.input_size})
 
     def pretrain_config(self, *, images: int, device: str) -> PretrainConfig:
-        """The SwAV recipe, its epochs chosen so that about ``pretrain.steps`` steps end the schedule."""
-        recipe = self.pretrain
-        per_epoch = max(1, images // recipe.batch_size)
-        epochs = max(1, round(recipe.steps / per_epoch))
-        crops: list[dict[str, Any]] = [{"size": self.input_size, "count": 2, "scale": [0.3, 1.0]}]
-        if recipe.local_crops:
-            crops.append({"size": self.input_size // 2, "count": recipe.local_crops, "scale": [0.08, 0.3]})
-        return PretrainConfig.model_validate({
-            "model": {"encoder": {"arch": "resnet18", "in_channels": 1}, "hidden_dim": recipe.hidden_dim,
-                      "out_dim": recipe.out_dim, "prototypes": recipe.prototypes},
-            "crops": crops,
-            "swav": {"freeze_prototypes_steps": recipe.freeze_prototypes_steps, "queue_length": recipe.queue_length,
-                     "queue_start_epoch": recipe.queue_start_epoch},
-            "optim": {"name": "adamw", "lr": recipe.lr, "warmup_steps": recipe.warmup_steps, "final_lr": 0.0,
-                      "weight_decay": 1e-4},
-            "run": {"seed": 0, "batch_size": recipe.batch_size, "epochs": epochs, "loader_workers": 0,
-                    "checkpoint_every": 100, "log_every": 10, "amp": "bf16", "device": device, "mix_shards": 4},
-        })
+        """The SwAV recipe at ``input_size`` (see :meth:`PretrainRecipe.swav_config`)."""
+        return self.pretrain.swav_config(size=self.input_size, images=images, device=device)
 
 
 # --------------------------------------------------------------------------------------------------
 # Small helpers
 
 
-def _now() -> str:
+def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def _write_json(path: Path, data: Any) -> None:
+def write_json_atomic(path: Path, data: Any) -> None:
     """Atomically: a file that exists is complete, which is what resuming trusts."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -329,8 +361,8 @@ class TaskBundle:
 
     spec: TaskSpec
     inputs: InputSpec
-    items: dict[str, list[StudyItem]]  # train, small, val, test
-    data: dict[str, TaskData]  # train, small, val, test
+    items: dict[str, list[StudyItem]]  # train, val, test and the label subsets (small, medium)
+    data: dict[str, TaskData]  # the same keys
 
 
 @dataclass
@@ -396,8 +428,8 @@ def _synthesise(run: _Run, folder: Path, fam: TaskFamily, studies: int, seed: in
             (folder / name).unlink(missing_ok=True)
         shutil.rmtree(folder / "seg", ignore_errors=True)
     run.counters.synth_sets += 1
-    _write_json(folder / DONE, {"studies": studies, "seed": seed, "kind": fam.kind, "patient_prefix": prefix,
-                                                "difficulty": difficulty.as_dict(), "unlabelled": unlabelled, "finished": _now()})
+    write_json_atomic(folder / DONE, {"studies": studies, "seed": seed, "kind": fam.kind, "patient_prefix": prefix,
+                                                "difficulty": difficulty.as_dict(), "unlabelled": unlabelled, "finished": utc_now()})
 
 
 def _labelled_folder(run: _Run, fam: TaskFamily, candidate: str) -> Path:
@@ -414,7 +446,7 @@ def _labelled_set(run: _Run, fam: TaskFamily, candidate: str) -> Path:
 
 
 def _bundle(run: _Run, fam: TaskFamily, candidate: str) -> TaskBundle:
-    """The splits of a labelled set: patient-level 60/20/20 (seed fixed), small = a stratified prefix."""
+    """The splits of a labelled set: patient-level 60/20/20 (seed fixed); each label subset a stratified prefix."""
     key = f"{fam.task}/{candidate}"
     if key in run.bundles:
         return run.bundles[key]
@@ -427,9 +459,10 @@ def _bundle(run: _Run, fam: TaskFamily, candidate: str) -> TaskBundle:
                             slice_labels=folder / "slice_labels.csv" if fam.slice_labels else None,
                             index_path=index, workers=s.workers)
     splits = patient_split(items, seed=s.split_seed)
-    small = subsample(splits["train"], count=min(s.small_studies[fam.task], len(splits["train"])), seed=s.subset_seed)
-    named = {"train": splits["train"], "small": small, "val": splits["val"], "test": splits["test"]}
-    inputs = s.input_spec()
+    named = {"train": splits["train"], "val": splits["val"], "test": splits["test"]}
+    for size, count in s.subset_studies.get(fam.task, {}).items():  # one seeded order: smaller sets nest in larger
+        named[size] = subsample(splits["train"], count=min(count, len(splits["train"])), seed=s.subset_seed)
+    inputs = s.input_spec(fam.task)
     bundle = TaskBundle(spec, inputs, named, {name: build_data(spec, studies, inputs) for name, studies in named.items()})
     run.bundles[key] = bundle
     return bundle
@@ -515,8 +548,8 @@ def _calibrate_candidate(run: _Run, fam: TaskFamily, candidate: str) -> dict[str
     record = {"task": fam.task, "candidate": candidate, "difficulty": difficulty_ladder()[candidate].as_dict(),
               "metric": metric_name, "value": metric, "band": list(_band(run.settings, bundle.spec)),
               "config": config.model_dump(mode="json"), "result": _result_record(result), "weights": weights.name,
-              "studies": {k: len(v) for k, v in bundle.items.items()}, "finished": _now()}
-    _write_json(record_path, record)
+              "studies": {k: len(v) for k, v in bundle.items.items()}, "finished": utc_now()}
+    write_json_atomic(record_path, record)
     run.counters.calibration_runs += 1
     return record
 
@@ -549,13 +582,13 @@ def _calibrate(run: _Run) -> dict[str, Any]:
                        "value": chosen["value"], "in_band": in_band, "band": list(band), "note": note,
                        "evaluated": evaluated}
     frozen = {
-        "written": _now(), "labelled_seed": s.labelled_seed, "tasks": tasks,
+        "written": utc_now(), "labelled_seed": s.labelled_seed, "tasks": tasks,
         "rule": ("candidates easiest first; the first whose from-scratch validation metric (all labels, seed 0) "
                  "lies in the band is frozen; a candidate below the band stops the search; with none in the "
                  "band the closest evaluated one is frozen. Decided before the archive, pretraining or any "
                  "pretrained arm exists; never revisited."),
     }
-    _write_json(path, frozen)
+    write_json_atomic(path, frozen)
     for task, chosen_task in tasks.items():  # the other candidates' sets and weights are not needed any more
         for candidate in s.candidates:
             if candidate != chosen_task["candidate"]:
@@ -620,7 +653,7 @@ def _disjointness(run: _Run, frozen: dict[str, Any], archive: Path) -> dict[str,
              "labelled": labelled, "shared_patients": shared_total, "disjoint": shared_total == 0,
              "method": "SHA-256 patient keys of PatientID, read from every archive study's DICOM header and from "
                        "every labelled study (models.dataset.collect_studies)"}
-    _write_json(run.out / "disjointness.json", check)
+    write_json_atomic(run.out / "disjointness.json", check)
     if shared_total:
         raise RuntimeError(f"the pretraining archive shares {shared_total} patient(s) with the labelled data")
     return check
@@ -639,7 +672,7 @@ def _pretrain(run: _Run, archive: Path) -> tuple[Path, dict[str, Any]]:
     root.mkdir(parents=True, exist_ok=True)
     with run.phase("pretrain"):
         run.console.print("pretraining: index, prepare, SwAV, export")
-        shards = shard_archive([archive], root, size=s.input_size, workers=s.workers, progress=run.show_progress)
+        shards = shard_archive([archive], root, size=s.synth_size, workers=s.workers, progress=run.show_progress)
         config = s.pretrain_config(images=len(ShardSet(shards)), device=run.device)
         started = time.perf_counter()
         outcome = train_and_export(shards, root, config, progress=run.show_progress, console=run.console)
@@ -650,7 +683,7 @@ def _pretrain(run: _Run, archive: Path) -> tuple[Path, dict[str, Any]]:
                "recipe": config.model_dump(mode="json"), "encoder_sha256": card.sha256,
                "seconds_this_session": time.perf_counter() - started,
                "final_losses": outcome.losses[-10:], "device": run.device}
-    _write_json(summary_path, summary)
+    write_json_atomic(summary_path, summary)
     return encoder_dir, summary
 
 
@@ -680,7 +713,7 @@ def _card(spec: TaskSpec, result: FinetuneResult, config: FinetuneConfig) -> Mod
         applies_to=AppliesTo(modalities=spec.modalities, body_parts=spec.body_parts),
         encoder=encoder_spec, input=config.input_for(spec),
         outputs=result.outputs, deployable=deployable, deployability=why,
-        device_uid=new_device_uid(), created=_now(),
+        device_uid=new_device_uid(), created=utc_now(),
     )
 
 
@@ -727,7 +760,7 @@ def _run_arm(run: _Run, task: str, candidate: str, arm: str, size: str, seed: in
     bundle = _bundle(run, family(task), candidate)
     regime: Literal["supervised", "hybrid"] = "hybrid" if arm == "hybrid" else "supervised"
     config = run.settings.finetune_config(task=task, seed=seed, regime=regime, device=run.device)
-    split = "train" if size == "full" else "small"
+    split = "train" if size == "full" else size
     started = time.perf_counter()
     result = None
     trained_in = "arm"
@@ -765,11 +798,11 @@ def _run_arm(run: _Run, task: str, candidate: str, arm: str, size: str, seed: in
         "robustness": metrics.get("robustness", {}),
         "seconds": {"train": trained if trained_in == "arm" else result.seconds,
                     "evaluate": time.perf_counter() - started - trained},
-        "device": run.device, "torch": torch.__version__, "finished": _now(),
+        "device": run.device, "torch": torch.__version__, "finished": utc_now(),
         # Timings are only comparable on an otherwise idle machine; the 1-minute load says whether it was.
         "load_1min": os.getloadavg()[0], "cpus": os.cpu_count(),
     }
-    _write_json(path, record)
+    write_json_atomic(path, record)
     return record
 
 
@@ -787,7 +820,7 @@ def _check_settings(out: Path, settings: ExperimentSettings) -> None:
             raise ValueError(f"{out} holds an experiment with other settings ({stored.get('mode')!r}); "
                              "use another --out or remove it")
         return
-    _write_json(path, current)
+    write_json_atomic(path, current)
 
 
 def _machine() -> dict[str, Any]:
@@ -800,9 +833,9 @@ def _accumulate_timings(out: Path, run: _Run, wall: float) -> dict[str, Any]:
     """Seconds per phase summed over every session that worked on this folder (for the budget)."""
     path = out / "timings.json"
     timings: dict[str, Any] = _read_json(path) if path.is_file() else {"sessions": []}
-    timings["sessions"].append({"finished": _now(), "wall_s": wall, "phases_s": dict(run.phases),
+    timings["sessions"].append({"finished": utc_now(), "wall_s": wall, "phases_s": dict(run.phases),
                                 "counters": vars(run.counters), "device": run.device, "machine": _machine()})
-    _write_json(path, timings)
+    write_json_atomic(path, timings)
     return timings
 
 
@@ -846,7 +879,7 @@ def run_paper_experiment(
         for seed in chosen.seeds:
             for task in chosen.tasks:
                 candidate = frozen["tasks"][task]["candidate"]
-                for size in reversed(SIZES):  # full first: the convergence target comes from scratch/full
+                for size in reversed(chosen.sizes(task)):  # full first: the convergence target comes from scratch/full
                     for arm in ARMS:
                         over = budget_minutes is not None and time.perf_counter() - started > budget_minutes * 60
                         name = arm_name(task, arm, size, seed)
@@ -885,7 +918,7 @@ def _probe(run: _Run, frozen: dict[str, Any], encoder_dir: Path) -> dict[str, An
     if path.is_file():
         cached: dict[str, Any] = _read_json(path)
         return cached
-    spec = EncoderSpec(arch="resnet18", in_channels=1)
+    spec = EncoderSpec(arch="resnet18", in_channels=SHARED_CHANNELS)
     device = torch.device(run.device)
     tasks: dict[str, Any] = {}
     with run.phase("probe"):
@@ -896,10 +929,10 @@ def _probe(run: _Run, frozen: dict[str, Any], encoder_dir: Path) -> dict[str, An
             tasks[task] = {name: probe_auc(encoder, bundle.data["train"], bundle.data["test"], bundle.inputs,
                                            bundle.spec.kind, device) for name, encoder in encoders.items()}
             run.console.print(f"probe {task}: " + ", ".join(f"{k} {_fmt(v['auc'])}" for k, v in tasks[task].items()))
-    probe = {"tasks": tasks, "written": _now(),
+    probe = {"tasks": tasks, "written": utc_now(),
              "method": "logistic regression (L2 on standardised pooled features, L-BFGS) fitted on the full training "
                        "split's samples, AUC on the test split's samples (image / slice level)"}
-    _write_json(path, probe)
+    write_json_atomic(path, probe)
     return probe
 
 
@@ -910,7 +943,7 @@ def _fmt(value: float | None) -> str:
 def expected_arms(settings: ExperimentSettings) -> list[str]:
     """Every arm file name a complete run has (the report counts what is missing)."""
     return [arm_name(task, arm, size, seed) for seed in settings.seeds for task in settings.tasks
-            for size in reversed(SIZES) for arm in ARMS]
+            for size in reversed(settings.sizes(task)) for arm in ARMS]
 
 
 def load_arms(out: Path) -> list[dict[str, Any]]:

@@ -55,3 +55,24 @@ def paper(
         cells = ", ".join(f"{key} {row['test']:.3f}" if row["test"] is not None else f"{key} n/a"
                           for key, row in rows.items())
         console.print(f"  {task}: {cells}")
+
+
+@app.command()
+def levers(
+    only: Annotated[list[str] | None, typer.Option("--only", help="Measure only this lever (repeatable).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Working folder, resumable (default: "
+                                                          "bench/.cache/pretrain-levers).")] = None,
+    report_dir: Annotated[Path | None, typer.Option(help="Where levers.md and levers.json go (default: "
+                                                         "bench/results/pretrain-levers).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+) -> None:
+    """Pretrain one encoder per lever (archive size, length, local crops, prototypes, size) and gauge
+    each by the linear probe against random init; cached, so a rerun trains only what is new."""
+    from models.experiment_levers import default_report_dir, default_work_dir, run_levers
+
+    try:
+        result = run_levers(out or default_work_dir(), report_dir or default_report_dir(), only=only, device=device)
+    except ValueError as exc:
+        Console(stderr=True).print(f"[red]error:[/] {exc}")
+        raise typer.Exit(2) from None
+    Console().print(f"levers measured: {', '.join(result['measured']) or 'none'}; report {result['report']}")

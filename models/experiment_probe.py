@@ -55,13 +55,44 @@ def fit_probe(x: np.ndarray, y: np.ndarray) -> Pipeline:
     return make_pipeline(StandardScaler(), LogisticRegression(C=1 / (2 * L2 * len(y)), max_iter=1000)).fit(x, y)
 
 
+def probe_scores(encoder: Encoder, train: TaskData, test: TaskData, spec: InputSpec, kind: str,
+                 device: torch.device) -> tuple[np.ndarray, np.ndarray] | None:
+    """(test labels, probe scores) of a linear probe on ``encoder``'s frozen features; ``None``
+    without both classes in each split."""
+    y_train, y_test = sample_labels(train, kind), sample_labels(test, kind)
+    if not (0 < y_train.sum() < len(y_train)) or not (0 < y_test.sum() < len(y_test)):
+        return None
+    probe = fit_probe(features(encoder, train, spec, device).numpy(), y_train.numpy())
+    return y_test.numpy(), probe.decision_function(features(encoder, test, spec, device).numpy())
+
+
 def probe_auc(encoder: Encoder, train: TaskData, test: TaskData, spec: InputSpec, kind: str,
               device: torch.device) -> dict[str, Any]:
     """Test AUC of a linear probe on ``encoder``'s frozen features (NaN without both classes)."""
-    y_train, y_test = sample_labels(train, kind), sample_labels(test, kind)
-    if not (0 < y_train.sum() < len(y_train)) or not (0 < y_test.sum() < len(y_test)):
-        return {"auc": float("nan"), "train": len(y_train), "test": len(y_test), "note": "one class only"}
-    probe = fit_probe(features(encoder, train, spec, device).numpy(), y_train.numpy())
-    scores = probe.decision_function(features(encoder, test, spec, device).numpy())
-    return {"auc": roc_auc(y_test.numpy(), scores), "train": len(y_train), "test": len(y_test),
+    scored = probe_scores(encoder, train, test, spec, kind, device)
+    if scored is None:
+        return {"auc": float("nan"), "train": len(train), "test": len(test), "note": "one class only"}
+    y_test, scores = scored
+    return {"auc": roc_auc(y_test, scores), "train": len(train), "test": len(test),
             "positives_test": int(y_test.sum())}
+
+
+def paired_difference(y: np.ndarray, first: np.ndarray, second: np.ndarray, groups: list[int],
+                      resamples: int = 1000, seed: int = 0) -> tuple[float, float, float]:
+    """AUC(second) - AUC(first) on the same samples, with a 95% interval from a cluster bootstrap.
+
+    Samples of one study (the slices of a CT or MR) are not independent, so whole studies are
+    drawn with replacement; a resample without both classes is drawn again.
+    """
+    by_group: dict[int, list[int]] = {}
+    for sample, group in enumerate(groups):
+        by_group.setdefault(group, []).append(sample)
+    members = [np.asarray(v) for v in by_group.values()]
+    rng = np.random.default_rng(seed)
+    diffs: list[float] = []
+    while len(diffs) < resamples:
+        picks = np.concatenate([members[i] for i in rng.integers(0, len(members), len(members))])
+        if 0 < y[picks].sum() < len(picks):
+            diffs.append(roc_auc(y[picks], second[picks]) - roc_auc(y[picks], first[picks]))
+    low, high = np.percentile(diffs, [2.5, 97.5])
+    return roc_auc(y, second) - roc_auc(y, first), float(low), float(high)

@@ -561,7 +561,7 @@ def write_experiment_report(
               f"{settings.archive_seed}; {settings.slices} slices per CT/MR series, {settings.synth_size} px images, "
               f"network input {settings.input_size} px"),
               (f"- **Splits**: by patient 60/20/20 (`patient_split`, seed {settings.split_seed}), the same for every "
-              f"arm; small = a stratified prefix of the training split (`subsample`, seed {settings.subset_seed}), "
+              f"arm; each label subset (small, medium) a stratified prefix of the training split (`subsample`, seed {settings.subset_seed}), "
               "the same studies for every arm and seed"),
               f"- **Difficulty** frozen in `frozen.json` at {frozen['written']}, before the archive, pretraining "
               "and any pretrained arm; later runs read it and never recalibrate. Rule: " + frozen["rule"],
@@ -571,16 +571,18 @@ def write_experiment_report(
     size_rows = []
     for task in settings.tasks:
         first = next((a for a in arms if a["task"] == task and a["size"] == "full"), None)
-        small = next((a for a in arms if a["task"] == task and a["size"] == "small"), None)
         ft = frozen["tasks"][task]
         studies = first["studies"] if first else {}
+        subsets = []
+        for size in settings.sizes(task)[:-1]:
+            ran = next((a for a in arms if a["task"] == task and a["size"] == size), None)
+            subsets.append(f"{size} {ran['studies']['train'] if ran else settings.subset_studies[task][size]}")
         size_rows.append([task, f"{ft['candidate']} ({_n(ft['value'])}, {'in band' if ft['in_band'] else 'closest'})",
                           str(settings.labelled_studies[task]), str(studies.get("train", "n/a")),
-                          str(small["studies"]["train"] if small else settings.small_studies[task]),
-                          str(studies.get("val", "n/a")), str(studies.get("test", "n/a")),
+                          ", ".join(subsets) or "none", str(studies.get("val", "n/a")), str(studies.get("test", "n/a")),
                           str(settings.archive_studies[task])])
-    lines += _table(["task", "frozen difficulty (scratch val metric)", "labelled studies", "full train", "small train",
-                     "val", "test", "archive studies (unlabelled)"], size_rows)
+    lines += _table(["task", "frozen difficulty (scratch val metric)", "labelled studies", "full train",
+                     "label subsets (train studies)", "val", "test", "archive studies (unlabelled)"], size_rows)
     difficulty_rows = [[task, ft["candidate"], json.dumps(ft["difficulty"], sort_keys=True),
                         "; ".join(f"{e['candidate']} {_n(e['value'])}" for e in ft["evaluated"])]
                        for task, ft in frozen["tasks"].items()]

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from scipy.special import logit
-from sklearn.linear_model import LogisticRegression
+from scipy.optimize import minimize
+from scipy.special import expit, logit
 
 from config.registry_layout import CARD
 from models.calibration import Calibration, expected_calibration_error, fit_platt
@@ -48,16 +48,43 @@ def test_platt_scaling_lowers_the_calibration_error_of_a_miscalibrated_score() -
     assert after < expected_calibration_error(truth, p) + 0.02
 
 
-def test_platt_is_scikit_learns_logistic_regression_on_the_logit() -> None:
+def _platt_reference(truth: np.ndarray, score: np.ndarray) -> tuple[float, float]:
+    """Platt's algorithm written out: minimise the cross-entropy against his smoothed targets."""
+    z = logit(np.clip(score, 1e-7, 1 - 1e-7))
+    pos, neg = truth.sum(), len(truth) - truth.sum()
+    t = np.where(truth == 1, (pos + 1) / (pos + 2), 1 / (neg + 2))
+
+    def loss(params: np.ndarray) -> float:
+        q = np.clip(expit(params[0] * z + params[1]), 1e-15, 1 - 1e-15)
+        return float(-(t * np.log(q) + (1 - t) * np.log(1 - q)).sum())
+
+    fitted = minimize(loss, np.array([1.0, 0.0]), method="Nelder-Mead", options={"xatol": 1e-9, "fatol": 1e-12})
+    return float(fitted.x[0]), float(fitted.x[1])
+
+
+def test_platt_is_platts_algorithm_with_smoothed_targets() -> None:
     truth, _, score = _miscalibrated(500)
     calibration = fit_platt(truth, score)
-    z = logit(np.clip(score, 1e-7, 1 - 1e-7))[:, None]
-    reference = LogisticRegression(C=1e6, tol=1e-10, max_iter=10_000).fit(z, truth)
-    assert calibration.slope == reference.coef_[0, 0] and calibration.intercept == reference.intercept_[0]
-    np.testing.assert_allclose(calibration.apply(score), reference.predict_proba(z)[:, 1], rtol=1e-12, atol=1e-15)
+    slope, intercept = _platt_reference(truth, score)
+    assert calibration.slope == pytest.approx(slope, abs=1e-4)
+    assert calibration.intercept == pytest.approx(intercept, abs=1e-4)
     # calibration keeps the order: the highest slice stays the highest
     order = np.argsort(score, kind="stable")
     assert np.all(np.diff(calibration.apply(score)[order]) >= 0)
+
+
+def test_a_separable_validation_split_gives_probabilities_not_a_step() -> None:
+    """A model that ranks a small validation split perfectly is not thereby certain: the calibrated
+    probabilities stay inside Platt's targets and the slope stays finite and moderate."""
+    truth = np.array([0] * 12 + [1] * 8)
+    score = np.concatenate([np.linspace(0.05, 0.4, 12), np.linspace(0.6, 0.95, 8)])
+    calibration = fit_platt(truth, score)
+    slope, _ = _platt_reference(truth, score)
+    assert calibration.slope == pytest.approx(slope, abs=1e-3) and 0 < calibration.slope < 20
+    probs = calibration.apply(score)
+    # the cases either side of the gap are uncertain, not 0 and 1
+    assert 0.15 < probs[11] < 0.5 < probs[12] < 0.85
+    assert 0.001 < probs.min() and probs.max() < 0.995
 
 
 def test_ece_is_the_weighted_gap_over_equal_width_bins() -> None:
