@@ -424,12 +424,17 @@ def _synthesise(run: _Run, folder: Path, fam: TaskFamily, studies: int, seed: in
                  mr_size=s.synth_size, cxr_size=s.synth_size, workers=s.workers, patient_prefix=prefix,
                  on_study=lambda _record: bar.advance(task))
     if unlabelled:
-        for name in ("labels.csv", "slice_labels.csv", "manifest.json"):
-            (folder / name).unlink(missing_ok=True)
-        shutil.rmtree(folder / "seg", ignore_errors=True)
+        strip_labels(folder)
     run.counters.synth_sets += 1
     write_json_atomic(folder / DONE, {"studies": studies, "seed": seed, "kind": fam.kind, "patient_prefix": prefix,
                                                 "difficulty": difficulty.as_dict(), "unlabelled": unlabelled, "finished": utc_now()})
+
+
+def strip_labels(folder: Path) -> None:
+    """Leave a generated phantom set its images only: no label tables, slice labels, SEGs or manifest."""
+    for name in ("labels.csv", "slice_labels.csv", "manifest.json"):
+        (folder / name).unlink(missing_ok=True)
+    shutil.rmtree(folder / "seg", ignore_errors=True)
 
 
 def _labelled_folder(run: _Run, fam: TaskFamily, candidate: str) -> Path:

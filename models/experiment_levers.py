@@ -37,12 +37,14 @@ from models.experiment import (
     PretrainRecipe,
     TaskFamily,
     difficulty_ladder,
+    strip_labels,
     utc_now,
     write_json_atomic,
 )
 from models.experiment_probe import paired_difference, probe_scores
 from models.finetune import TaskData, build_data
 from models.metrics import roc_auc
+from models.preprocess import InputSpec
 from models.tasks import SHARED_CHANNELS, task_spec
 from node.synth import generate
 from pretrain.backbones import Encoder, EncoderSpec
@@ -153,10 +155,7 @@ def _archive(study: _Study, name: str) -> Path:
     for kind, studies in study.settings.archives[name].items():
         folder = root / kind
         if not (folder / DONE).is_file():
-            _synth(study, folder, studies, kind, study.settings.archive_seed, f"V{kind[0].upper()}")
-            for leftover in ("labels.csv", "slice_labels.csv", "manifest.json"):
-                (folder / leftover).unlink(missing_ok=True)
-            shutil.rmtree(folder / "seg", ignore_errors=True)
+            strip_labels(_synth(study, folder, studies, kind, study.settings.archive_seed, f"V{kind[0].upper()}"))
     return root
 
 
@@ -165,6 +164,7 @@ class _Probe:
     """One task's probe splits (train + validation to fit, test to score) at one input size."""
 
     kind: str
+    inputs: InputSpec
     train: TaskData
     test: TaskData
     random_init: tuple[np.ndarray, np.ndarray] | None = None  # its probe (labels, scores), the same for every lever
@@ -184,7 +184,7 @@ def _probe_data(study: _Study, fam: TaskFamily, size: int, cache: dict[tuple[str
                             index_path=study.out / "labelled" / f"{name}.sqlite", workers=s.workers)
     splits = patient_split(items, seed=s.split_seed)
     inputs = spec.input.model_copy(update={"size": size})
-    probe = _Probe(spec.kind, build_data(spec, splits["train"] + splits["val"], inputs),
+    probe = _Probe(spec.kind, inputs, build_data(spec, splits["train"] + splits["val"], inputs),
                    build_data(spec, splits["test"], inputs))
     cache[key] = probe
     return probe
@@ -241,11 +241,11 @@ def _measure(study: _Study, lever: Lever, data: dict[tuple[str, int], _Probe]) -
     tasks: dict[str, Any] = {}
     for fam in FAMILIES:
         probe = _probe_data(study, fam, lever.size, data)
-        inputs = task_spec(fam.task).input.model_copy(update={"size": lever.size})
         if probe.random_init is None:
-            probe.random_init = probe_scores(_random_init(), probe.train, probe.test, inputs, probe.kind, study.device)
+            probe.random_init = probe_scores(_random_init(), probe.train, probe.test, probe.inputs, probe.kind,
+                                             study.device)
         random_scored = probe.random_init
-        trained_scored = probe_scores(pretrained, probe.train, probe.test, inputs, probe.kind, study.device)
+        trained_scored = probe_scores(pretrained, probe.train, probe.test, probe.inputs, probe.kind, study.device)
         if random_scored is None or trained_scored is None:
             tasks[fam.task] = {"note": "one class only in a probe split"}
             continue
