@@ -219,9 +219,10 @@ def _pretrained(study: _Study, lever: Lever) -> tuple[Path, dict[str, Any]]:
 
 
 def _same(stored: Mapping[str, Any], lever: Lever) -> bool:
-    """Whether a cached result is of this lever (compared as models: a field added later with its
-    default does not invalidate what was measured before it existed)."""
-    return Lever.model_validate(stored) == lever
+    """Whether a cached result is of this lever: compared as JSON after validating the stored one, so
+    that a field added later with its default does not invalidate what was measured before it
+    existed, and a tuple read back from JSON as a list still matches."""
+    return Lever.model_validate(stored).model_dump(mode="json") == lever.model_dump(mode="json")
 
 
 def _random_init() -> Encoder:

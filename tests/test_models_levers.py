@@ -38,7 +38,9 @@ def test_levers_are_cached_and_a_changed_lever_is_trained_again(tmp_path: Path) 
     recipe = PretrainRecipe(steps=2, batch_size=4, local_crops=2, prototypes=8, hidden_dim=32, out_dim=16,
                             warmup_steps=1, freeze_prototypes_steps=1)
     base = Lever(name="base", change="base", size=32, recipe=recipe)
-    other = Lever(name="protos", change="4 prototypes", size=32, recipe=recipe.model_copy(update={"prototypes": 4}))
+    # A tuple inside the free-form augment overrides comes back from JSON as a list: still the same lever.
+    other = Lever(name="protos", change="4 prototypes", size=32,
+                  recipe=recipe.model_copy(update={"prototypes": 4, "augment": {"gamma": (0.9, 1.1)}}))
     report = tmp_path / "report"
     first = run_levers(tmp_path / "work", report, settings=_tiny((base, other)))
     assert first["measured"] == ["base", "protos"]
