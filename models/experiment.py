@@ -88,6 +88,7 @@ from pretrain.export import load_encoder
 
 ARMS: tuple[str, ...] = ("scratch", "pretrained", "hybrid")
 SIZES: tuple[str, ...] = ("small", "medium", "full")  # label sizes, smallest first; "full" = the whole train split
+ENCODER = EncoderSpec(arch="resnet18", in_channels=SHARED_CHANNELS)  # every arm's, and the pretrained one's
 CALIBRATION_SEED = 0  # the seed of the calibration run, which doubles as the scratch/full arm of seed 0
 FROZEN = "frozen.json"
 SETTINGS = "settings.json"
@@ -206,7 +207,7 @@ class PretrainRecipe(BaseModel):
         windows = [list(NAMED_CT_WINDOWS[name]) for name in HEAD_CT_WINDOWS]
         windows += [list(pair) for pair in DEFAULT_CT_WINDOWS if list(pair) not in windows]
         return PretrainConfig.model_validate({
-            "model": {"encoder": {"arch": "resnet18", "in_channels": SHARED_CHANNELS}, "hidden_dim": self.hidden_dim,
+            "model": {"encoder": ENCODER.model_dump(), "hidden_dim": self.hidden_dim,
                       "out_dim": self.out_dim, "prototypes": self.prototypes},
             "crops": crops,
             "augment": {**self.augment, "ct_windows": windows},
@@ -251,7 +252,7 @@ class ExperimentSettings(BaseModel):
     def preset(cls, mode: str) -> ExperimentSettings:
         """``full`` (the report), ``quick`` (a smoke run) or ``tiny`` (the tests' harness check)."""
         if mode == "full":
-            # Sized for at most ~2.3 h on 2 CPU cores (estimated from --quick's per-step and per-sample costs).
+            # Sized for about 2 h on 2 CPU cores (--quick's report estimates 1.9 h from its per-step and per-sample costs).
             return cls(
                 mode="full", slices=10,
                 labelled_studies={"cxr-abnormality": 1700, "ct-hemorrhage": 200, "mr-metastasis": 200},
@@ -923,14 +924,13 @@ def _probe(run: _Run, frozen: dict[str, Any], encoder_dir: Path) -> dict[str, An
     if path.is_file():
         cached: dict[str, Any] = _read_json(path)
         return cached
-    spec = EncoderSpec(arch="resnet18", in_channels=SHARED_CHANNELS)
     device = torch.device(run.device)
     tasks: dict[str, Any] = {}
     with run.phase("probe"):
         for task in run.settings.tasks:
             bundle = _bundle(run, family(task), frozen["tasks"][task]["candidate"])
-            torch.manual_seed(CALIBRATION_SEED)
-            encoders = {"random init": Encoder(spec), "pretrained": load_encoder(encoder_dir, expect=spec)[0]}
+            encoders = {"random init": random_init_encoder(),
+                        "pretrained": load_encoder(encoder_dir, expect=ENCODER)[0]}
             tasks[task] = {name: probe_auc(encoder, bundle.data["train"], bundle.data["test"], bundle.inputs,
                                            bundle.spec.kind, device) for name, encoder in encoders.items()}
             run.console.print(f"probe {task}: " + ", ".join(f"{k} {_fmt(v['auc'])}" for k, v in tasks[task].items()))
@@ -939,6 +939,13 @@ def _probe(run: _Run, frozen: dict[str, Any], encoder_dir: Path) -> dict[str, An
                        "split's samples, AUC on the test split's samples (image / slice level)"}
     write_json_atomic(path, probe)
     return probe
+
+
+def random_init_encoder() -> Encoder:
+    """The experiment's encoder at the initialisation every scratch arm starts from (seed
+    ``CALIBRATION_SEED``): the probe's baseline."""
+    torch.manual_seed(CALIBRATION_SEED)
+    return Encoder(ENCODER)
 
 
 def _fmt(value: float | None) -> str:

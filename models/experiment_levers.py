@@ -33,10 +33,12 @@ from rich.console import Console
 
 from models.dataset import collect_studies, patient_split
 from models.experiment import (
+    ENCODER,
     FAMILIES,
     PretrainRecipe,
     TaskFamily,
     difficulty_ladder,
+    random_init_encoder,
     strip_labels,
     utc_now,
     write_json_atomic,
@@ -45,9 +47,8 @@ from models.experiment_probe import paired_difference, probe_scores
 from models.finetune import TaskData, build_data
 from models.metrics import roc_auc
 from models.preprocess import InputSpec
-from models.tasks import SHARED_CHANNELS, task_spec
+from models.tasks import task_spec
 from node.synth import generate
-from pretrain.backbones import Encoder, EncoderSpec
 from pretrain.export import load_encoder
 
 DONE = "complete.json"
@@ -225,11 +226,6 @@ def _same(stored: Mapping[str, Any], lever: Lever) -> bool:
     return Lever.model_validate(stored).model_dump(mode="json") == lever.model_dump(mode="json")
 
 
-def _random_init() -> Encoder:
-    torch.manual_seed(0)  # the initialisation every scratch arm of the paper experiment starts from
-    return Encoder(EncoderSpec(arch="resnet18", in_channels=SHARED_CHANNELS))
-
-
 def _measure(study: _Study, lever: Lever, data: dict[tuple[str, int], _Probe]) -> dict[str, Any]:
     path = study.out / "results" / f"{lever.name}.json"
     definition = lever.model_dump(mode="json")
@@ -238,12 +234,12 @@ def _measure(study: _Study, lever: Lever, data: dict[tuple[str, int], _Probe]) -
         if _same(cached["lever"], lever) and cached.get("probe") == study.settings.probe_key():
             return cached
     encoder_dir, summary = _pretrained(study, lever)
-    pretrained, _ = load_encoder(encoder_dir, expect=EncoderSpec(arch="resnet18", in_channels=SHARED_CHANNELS))
+    pretrained, _ = load_encoder(encoder_dir, expect=ENCODER)
     tasks: dict[str, Any] = {}
     for fam in FAMILIES:
         probe = _probe_data(study, fam, lever.size, data)
         if probe.random_init is None:
-            probe.random_init = probe_scores(_random_init(), probe.train, probe.test, probe.inputs, probe.kind,
+            probe.random_init = probe_scores(random_init_encoder(), probe.train, probe.test, probe.inputs, probe.kind,
                                              study.device)
         random_scored = probe.random_init
         trained_scored = probe_scores(pretrained, probe.train, probe.test, probe.inputs, probe.kind, study.device)
