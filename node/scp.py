@@ -155,7 +155,7 @@ def free_dead_connection(event: Event) -> None:
     if event.next_state == "Sta13" and assoc.dul.socket is not None:
         assoc.dul.socket.close()
     elif event.next_state == "Sta1" and event.current_state in ("Sta2", "Sta13"):
-        assoc.dul.to_user_queue.put(None)
+        assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]  # None is what the DUL itself puts on timeout
 
 
 def _connection_of(assoc: Any) -> Any:

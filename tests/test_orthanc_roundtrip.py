@@ -8,29 +8,22 @@ models (``workers_support``) and phantom studies uploaded through Orthanc's REST
 
 from __future__ import annotations
 
-import json
-import shutil
 import struct
-import subprocess
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import PrivateRedis, free_port, make_settings, wait_until
-from lifecycle_support import stop_process, worker_process
+from conftest import PrivateRedis, make_settings, wait_until
+from lifecycle_support import worker_process
+from orthanc_support import ORTHANC_AET, Orthanc, requires_orthanc, run_orthanc
 from workers_support import phantoms, study_files
 
 from models.untrained import install_untrained_models
 from node.index import StudyIndex
 from node.service import Node
 
-ORTHANC = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin")
-ORTHANC_AET = "ORTHANC"
 STABLE_AGE_S = 2
 # Orthanc's auto-routing, as a site would configure it for an AI node: every stable study goes to it.
 # Not ``SendToModality(studyId, 'pacsnode')``: in a Lua callback Orthanc 1.10 runs that as an
@@ -43,104 +36,19 @@ end
 """
 FINISHED = ("done", "failed", "not_applicable", "unmatched")
 
-pytestmark = pytest.mark.skipif(ORTHANC is None, reason="Orthanc is not installed (Debian package 'orthanc'; "
-                                                        ".ci/install installs it)")
-
-
-@dataclass
-class Orthanc:
-    """A private Orthanc: its ports, the port it routes to (reserved for the node) and its log."""
-
-    http_port: int
-    dicom_port: int
-    node_port: int
-    log: Path
-
-    def get(self, path: str) -> Any:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.http_port}{path}", timeout=10) as response:
-            body = response.read()
-        return body if path.endswith("/file") else json.loads(body)
-
-    def upload(self, path: Path) -> dict[str, Any]:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}/instances", data=path.read_bytes(),
-                                         headers={"Content-Type": "application/dicom"}, method="POST")
-        with urllib.request.urlopen(request, timeout=30) as response:
-            answer: dict[str, Any] = json.loads(response.read())
-        return answer
-
-    def study_id(self, study_uid: str) -> str:
-        """Orthanc's own identifier of a study, from its StudyInstanceUID."""
-        (match,) = self.post_json("/tools/find", {"Level": "Study", "Query": {"StudyInstanceUID": study_uid}})
-        return str(match)
-
-    def post_json(self, path: str, payload: dict[str, Any]) -> Any:
-        request = urllib.request.Request(f"http://127.0.0.1:{self.http_port}{path}", data=json.dumps(payload).encode(),
-                                         headers={"Content-Type": "application/json"}, method="POST")
-        with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())
-
-    def instances_by_modality(self, study_uid: str) -> dict[str, list[str]]:
-        """Modality -> Orthanc instance ids of one study."""
-        out: dict[str, list[str]] = {}
-        for series in self.get(f"/studies/{self.study_id(study_uid)}/series"):
-            out.setdefault(series["MainDicomTags"].get("Modality", ""), []).extend(series["Instances"])
-        return out
-
-    def stable_events(self) -> int:
-        changes = self.get("/changes?since=0&limit=10000")["Changes"]
-        return sum(1 for change in changes if change["ChangeType"] == "StableStudy")
-
-    def jobs(self) -> list[dict[str, Any]]:
-        jobs: list[dict[str, Any]] = self.get("/jobs?expand")
-        return jobs
-
-    def log_tail(self) -> str:
-        return self.log.read_text(errors="replace")[-3000:]
-
-
-def _answers(orthanc: Orthanc) -> bool:
-    try:
-        orthanc.get("/system")
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-    return True
+pytestmark = requires_orthanc
 
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Orthanc]:
     """Orthanc on free loopback ports, routing every stable study to the node's (reserved) port."""
-    assert ORTHANC is not None
     folder = tmp_path_factory.mktemp("orthanc")
-    server = Orthanc(http_port=free_port(), dicom_port=free_port(), node_port=free_port(), log=folder / "orthanc.log")
     (folder / "route.lua").write_text(ROUTING_LUA)
-    config = {
-        "Name": "pacsnode-roundtrip",
-        "StorageDirectory": str(folder / "storage"),
-        "IndexDirectory": str(folder / "index"),
-        "Plugins": [],
-        "HttpPort": server.http_port,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomAet": ORTHANC_AET,
-        "DicomPort": server.dicom_port,
-        # Orthanc 1.10's defaults already accept a store from an unlisted caller with any called AE
-        # title; stated here because the round trip depends on them (pacsnode is listed anyway).
-        "DicomCheckCalledAet": False,
-        "DicomAlwaysAllowStore": True,
-        "DicomModalities": {"pacsnode": ["PACSNODE", "127.0.0.1", server.node_port]},
-        "StableAge": STABLE_AGE_S,
-        "LuaScripts": [str(folder / "route.lua")],
-        "SaveJobs": False,
-    }
-    (folder / "orthanc.json").write_text(json.dumps(config, indent=2))
-    with server.log.open("wb") as log:
-        process = subprocess.Popen([ORTHANC, str(folder / "orthanc.json")], stdout=log, stderr=subprocess.STDOUT,
-                                   cwd=folder)
-    try:
-        assert wait_until(lambda: process.poll() is None and _answers(server), timeout=30), server.log_tail()
+    # Orthanc 1.10's defaults already accept a store from an unlisted caller with any called AE
+    # title; stated here because the round trip depends on them (pacsnode is listed anyway).
+    with run_orthanc(folder, {"pacsnode": "PACSNODE"}, DicomCheckCalledAet=False, DicomAlwaysAllowStore=True,
+                     StableAge=STABLE_AGE_S, LuaScripts=[str(folder / "route.lua")]) as server:
         yield server
-    finally:
-        stop_process(process)
 
 
 def _dataset_bytes(part10: bytes) -> bytes:
@@ -196,7 +104,7 @@ def roundtrip(orthanc: Orthanc, tmp_path_factory: pytest.TempPathFactory) -> Ite
     redis_server = PrivateRedis(tmp)  # private: other test files flush the shared Redis database
     redis_server.start()
     settings = make_settings(
-        tmp, node={"port": orthanc.node_port}, broker={"url": redis_server.url},
+        tmp, node={"port": orthanc.peers["pacsnode"]}, broker={"url": redis_server.url},
         destinations=[{"name": "orthanc", "host": "127.0.0.1", "port": orthanc.dicom_port, "ae_title": ORTHANC_AET}])
     node = Node(settings, with_worker=False)
     node.start()
