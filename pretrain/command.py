@@ -1,4 +1,4 @@
-"""``pacsnode pretrain index|prepare|train|export``: the self-supervised encoder from the archive.
+"""``pacsnode pretrain index|prepare|merge|train|export``: the self-supervised encoder from the archive.
 
 Each verb is a thin shell over one module; errors in inputs become one-line CLI messages. ``train``
 is also what ``torchrun`` starts (``torchrun --nproc-per-node N --no-python pacsnode pretrain train ...``:
@@ -52,21 +52,44 @@ def prepare(
     shard_size: Annotated[int, typer.Option(min=1, help="Images per shard.")] = 1024,
     labels: Annotated[Path | None, typer.Option(help="Optional CSV of labels (study_uid or sop_uid + columns).")] = None,
     workers: Annotated[int | None, typer.Option(help="Decoding processes (default: CPU count).")] = None,
+    part: Annotated[str | None, typer.Option(help="Only part K of N of the studies (K/N, 1-based): run the parts "
+                                                  "on several hosts, then `pretrain merge` them.")] = None,
 ) -> None:
     """Decode, normalise per modality and resize every indexed image into streamable shards."""
+    from pretrain.partition import Part
     from pretrain.prepare import prepare_shards
 
     if not index_path.is_file():
         raise _fail(f"--index {index_path} does not exist")
     if labels is not None and not labels.is_file():
         raise _fail(f"--labels {labels} does not exist")
+    try:
+        chosen = Part.parse(part) if part is not None else None
+    except ValueError as error:
+        raise _fail(str(error)) from error
     manifest = prepare_shards(index_path, out, size=size, slice_stride=slice_stride, shard_size=shard_size,
-                              labels=labels, workers=workers)
+                              labels=labels, workers=workers, part=chosen)
     console = Console()
     console.print(f"wrote {manifest.total} image(s) from {manifest.studies} studies in "
                   f"{len(manifest.shards)} shard(s) to {out}: {manifest.modalities}")
     for reason, count in sorted(manifest.skipped.items()):
         console.print(f"  skipped {count:>6}  {reason}")
+
+
+@app.command()
+def merge(
+    parts: Annotated[list[Path], typer.Argument(help="The part folders written by `prepare --part K/N`.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for the merged manifest (the shards stay in place).")],
+) -> None:
+    """One shard folder over the parts prepared on several hosts: what `train --shards` reads."""
+    from pretrain.partition import merge_parts
+
+    try:
+        manifest = merge_parts(parts, out)
+    except (ValueError, FileNotFoundError) as error:
+        raise _fail(str(error)) from error
+    Console().print(f"merged {len(parts)} part(s): {manifest.total} image(s) from {manifest.studies} studies in "
+                    f"{len(manifest.shards)} shard(s), manifest in {out}")
 
 
 @app.command()

@@ -33,6 +33,7 @@ import numpy as np
 from pretrain.decode import DECODE_ERRORS, LARGE_FILE_BYTES, PixelDataError, prepare_image, read_dataset
 from pretrain.index import ArchiveIndex, ImageRow
 from pretrain.labels import LabelTable, load_labels
+from pretrain.partition import Part
 from pretrain.progress import rate_progress
 from pretrain.shards import Encoding, SampleRecord, ShardManifest, ShardWriter
 
@@ -122,12 +123,14 @@ class _Task:
     rows: list[list[ImageRow]]  # per unit, the index rows of its frames (for the records)
 
 
-def _tasks(index: ArchiveIndex, stride: int, modalities: frozenset[str] | None) -> Iterator[_Task]:
+def _tasks(index: ArchiveIndex, stride: int, modalities: frozenset[str] | None, part: Part | None) -> Iterator[_Task]:
     units: list[Unit] = []
     rows: list[list[ImageRow]] = []
     images = 0
     for series in index.iter_series():
         if modalities is not None and series[0].modality not in modalities:
+            continue
+        if part is not None and not part.owns(series[0].study_uid):
             continue
         chosen = select_frames(series, stride)
         by_path: dict[str, list[ImageRow]] = {}
@@ -233,12 +236,14 @@ def prepare_shards(
     workers: int | None = None,
     progress: bool = True,
     modalities: Sequence[str] | None = None,
+    part: Part | None = None,
 ) -> ShardManifest:
     """Decode the images of ``index`` into shards under ``out``; returns the manifest written.
 
     ``labels``: optional CSV keyed by study or SOP instance UID (see ``pretrain.labels``).
     ``modalities``: keep only series of these modalities (default: all). ``workers`` decoding
-    processes (default: one per CPU; 1 decodes in this process).
+    processes (default: one per CPU; 1 decodes in this process). ``part``: only the studies of this
+    partition (``pretrain.partition``), for preparing on several hosts at once.
     """
     if size < 1:
         raise ValueError(f"size must be >= 1, got {size}")
@@ -258,6 +263,7 @@ def prepare_shards(
         "label_key": table.key if table else None,
         "label_columns": list(table.columns) if table else [],
         "decoders": _decoder_versions(),
+        "part": str(part) if part is not None else None,
     }
     started = time.monotonic()
     writer = ShardWriter(out, size=size, shard_size=shard_size, settings=settings)
@@ -265,7 +271,7 @@ def prepare_shards(
     written = skipped = 0
     with ArchiveIndex(index) as archive, rate_progress("images", progress) as bar:
         bar_task = bar.add_task("preparing", total=None, note="") if bar is not None else None
-        for task, results in runner.run(_tasks(archive, slice_stride, wanted)):
+        for task, results in runner.run(_tasks(archive, slice_stride, wanted, part)):
             for rows, frames in zip(task.rows, results, strict=True):
                 for row, result in zip(rows, frames, strict=True):
                     if isinstance(result, str):

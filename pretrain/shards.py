@@ -95,7 +95,7 @@ def decode_unit(stored: np.ndarray) -> np.ndarray:
     return stored.astype(np.float32) / UNIT_SCALE
 
 
-def _write_json_atomically(path: Path, text: str) -> None:
+def write_json_atomically(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -151,7 +151,7 @@ class ShardWriter:
             np.save(handle, np.stack(self._pixels))
         os.replace(tmp, array_path)
         records = [record.model_dump() for record in self._records]
-        _write_json_atomically(self.out_dir / f"{name}.json", json.dumps(records))
+        write_json_atomically(self.out_dir / f"{name}.json", json.dumps(records))
         self._manifest.shards.append(ShardInfo(name=name, count=len(self._pixels)))
         self._pixels.clear()
         self._records.clear()
@@ -159,7 +159,7 @@ class ShardWriter:
     def close(self) -> ShardManifest:
         self._flush()
         self._manifest.studies = len(self._study_uids)
-        _write_json_atomically(self.out_dir / MANIFEST_NAME, self._manifest.model_dump_json(indent=2))
+        write_json_atomically(self.out_dir / MANIFEST_NAME, self._manifest.model_dump_json(indent=2))
         return self._manifest
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
-import json
 import os
 import platform
 import shutil
@@ -29,10 +28,11 @@ from bench.ingest.receivers import (
     dcmtk,
     dcmtk_env,
 )
+from bench.results import RESULTS_DIR, write_results
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = REPO_ROOT / "bench" / ".cache"
-RESULTS_DIR = REPO_ROOT / "bench" / "results"
+
 TARGETS = ("pacsnode", "storescp", "orthanc")
 ASSOCIATION_COUNTS = (1, 4)
 FULL_INSTANCES = 2000
@@ -303,19 +303,6 @@ def machine_info() -> dict[str, object]:
     }
 
 
-def write_results(payload: dict[str, object], results_dir: Path) -> Path:
-    """``ingest-<timestamp>.json`` and ``ingest-latest.json`` (written via a temp file)."""
-    results_dir.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    text = json.dumps(payload, indent=2) + "\n"
-    path = results_dir / f"ingest-{stamp}.json"
-    for target in (path, results_dir / "ingest-latest.json"):
-        temp = target.with_name(target.name + ".tmp")
-        temp.write_text(text)
-        temp.replace(target)
-    return path
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.ingest",
@@ -422,7 +409,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.quick:
             print("(quick run: results not written)")
         else:
-            print(f"\nresults: {write_results(payload, args.results)}")
+            print(f"\nresults: {write_results('ingest', payload, args.results)}")
     if failures:
         print(f"\n{len(failures)} run(s) FAILED (lost instances or sender errors)", file=sys.stderr)
         return 1

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import hashlib
-import json
 import math
 import os
 import platform
@@ -29,10 +28,11 @@ from bench.pretrain.supply import (
     measure_supply,
     workers_needed,
 )
+from bench.results import RESULTS_DIR, write_results
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = REPO_ROOT / "bench" / ".cache"
-RESULTS_DIR = REPO_ROOT / "bench" / "results"
+
 PARTS = ("a", "b", "c")
 # Targets of the issue.
 MIN_SUPPLY_RATIO = 10.0
@@ -265,19 +265,6 @@ def machine_info(threads: int) -> dict[str, object]:
     }
 
 
-def write_results(payload: dict[str, object], results_dir: Path) -> Path:
-    """``pretrain-<timestamp>.json`` and ``pretrain-latest.json`` (each written via a temp file)."""
-    results_dir.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    text = json.dumps(payload, indent=2, default=str) + "\n"
-    path = results_dir / f"pretrain-{stamp}.json"
-    for target in (path, results_dir / "pretrain-latest.json"):
-        temp = target.with_name(target.name + ".tmp")
-        temp.write_text(text)
-        temp.replace(target)
-    return path
-
-
 def _crops(text: str) -> tuple[tuple[int, int], ...]:
     """``96x2,48x6`` (size x count, global crops first) -> ((96, 2), (48, 6))."""
     out = []
@@ -470,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.quick or args.no_write:
         print("(quick run: results not written)" if args.quick else "(--no-write: results not written)")
     else:
-        print(f"\nresults: {write_results(payload, args.results)}")
+        print(f"\nresults: {write_results('pretrain', payload, args.results)}")
     for failure in failures:
         print(f"FAILED: {failure}", file=sys.stderr)
     return 1 if failures else 0

@@ -1,0 +1,1 @@
+"""``python -m bench.archive``: ``pretrain index`` and ``prepare`` at a million frames."""
