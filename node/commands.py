@@ -19,7 +19,7 @@ from config.settings import Settings, load_settings
 ConfigOption = Annotated[Path | None, typer.Option("--config", "-c", help="settings file (default: shipped defaults)")]
 
 
-def _settings(config: Path | None, **overrides: Any) -> Settings:
+def settings_or_exit(config: Path | None, **overrides: Any) -> Settings:
     """Load settings or exit with a message naming the bad key."""
     try:
         return load_settings(config, **overrides)
@@ -48,7 +48,7 @@ def serve(
         node["ae_title"] = ae_title
     if store is not None:
         node["store_dir"] = store
-    settings = _settings(config, **({"node": node} if node else {}))
+    settings = settings_or_exit(config, **({"node": node} if node else {}))
     from node.logs import configure_logging
     from node.service import Node
 
@@ -76,7 +76,7 @@ def config_group() -> None:
 @config_app.command("check")
 def config_check(config: ConfigOption = None) -> None:
     """Validate the settings and print the effective values (secrets masked)."""
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     import yaml
 
     typer.echo(yaml.safe_dump(settings.model_dump(mode="json", by_alias=True), sort_keys=False))
@@ -103,7 +103,7 @@ def status(
     The same query as the HTTP worklist (``/api/studies``): dates are the day the node received
     the study, in local time, both ends inclusive; newest received first.
     """
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     from rich.console import Console
     from rich.table import Table
 
@@ -180,7 +180,7 @@ def purge(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would go, delete nothing")] = False,
 ) -> None:
     """Apply the retention policy now: finished studies by age and disk use."""
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     from node.index import StudyIndex
     from node.retention import apply_purge, plan_purge
     from node.store import StudyStore

@@ -125,3 +125,8 @@ def test_archive_deid_on_an_exported_folder(phantom_folder: Path, tmp_path: Path
     assert inside.exit_code == 2 and "must live apart" in inside.output
     missing = CliRunner().invoke(app, ["deid", str(phantom_folder), str(out), "--secret-file", str(tmp_path / "x")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
+    node_config = tmp_path / "node.yaml"
+    node_config.write_text(f"node:\n  data_dir: {tmp_path / 'node-data'}\n")
+    clinical = CliRunner().invoke(app, ["deid", str(phantom_folder), str(tmp_path / "node-data" / "archive"),
+                                        "--secret-file", str(secret), "--config", str(node_config)])
+    assert clinical.exit_code == 2 and "lives apart from the clinical store" in clinical.output, clinical.output

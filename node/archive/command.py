@@ -40,6 +40,7 @@ from node.archive.ledger import PullLedger
 from node.archive.pacing import RateCap, TimeWindow
 from node.archive.pull import Peer, Progress, Puller, PullOptions, PullReport
 from node.archive.writer import ArchiveWriter
+from node.commands import ConfigOption, settings_or_exit
 
 app = typer.Typer(help="The pretraining archive: pull it from a PACS, or de-identify an exported folder.",
                   no_args_is_help=True)
@@ -56,6 +57,16 @@ def _deidentifier(secret_file: Path, keep_secondary_capture: bool, keep_ultrasou
         return Deidentifier(read_secret(secret_file), DeidPolicy(keep_secondary_capture, keep_ultrasound))
     except SecretError as error:
         raise _fail(str(error)) from error
+
+
+def _apart_from_node(out: Path, config: Path | None) -> None:
+    """Refuse an archive folder inside the node's data folder or study store: pulled studies must
+    never meet the clinical store, its index or its routing."""
+    node = settings_or_exit(config).node
+    for clinical in (node.data_dir, node.store_path):
+        if out.resolve().is_relative_to(clinical.resolve()):
+            raise _fail(f"--out {out} is inside the node's {clinical}: the pretraining archive lives apart from the "
+                        "clinical store")
 
 
 def _counts(title: str, counts: Counter[str]) -> None:
@@ -107,6 +118,7 @@ def pull(
     = None,
     keep_secondary_capture: KeepSC = False,
     keep_ultrasound: KeepUS = False,
+    config: ConfigOption = None,
 ) -> None:
     """Pull studies from a PACS (C-FIND, then C-MOVE or C-GET), de-identified before they touch disk.
 
@@ -125,6 +137,7 @@ def pull(
         cap = RateCap(rate) if rate else None
     except ValueError as error:
         raise _fail(str(error)) from error
+    _apart_from_node(out, config)
     deid = _deidentifier(secret_file, keep_secondary_capture, keep_ultrasound)
     stop = threading.Event()
 
@@ -186,10 +199,12 @@ def deid(
     secret_file: SecretFile,
     keep_secondary_capture: KeepSC = False,
     keep_ultrasound: KeepUS = False,
+    config: ConfigOption = None,
 ) -> None:
     """De-identify an exported folder into an archive folder, the same way `archive pull` does."""
     if out.resolve().is_relative_to(source.resolve()):
         raise _fail(f"{out} is inside {source}: the de-identified archive must live apart from its source")
+    _apart_from_node(out, config)
     writer = ArchiveWriter(out, _deidentifier(secret_file, keep_secondary_capture, keep_ultrasound))
     unreadable: Counter[str] = Counter()
     for path in _files(source):
