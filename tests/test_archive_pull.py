@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import pydicom
@@ -192,6 +192,21 @@ def test_refused_association_and_failed_c_move_are_counted(source: Source, tmp_p
     with PullLedger(tmp_path / "broken" / ".pull" / "ledger.sqlite") as ledger:
         assert ledger.series_count() == 0  # nothing recorded: the next run fetches it all
     assert puller.writer.written == 0
+
+
+def test_date_range_modalities_and_max_studies_select_what_is_pulled(source: Source, tmp_path: Path) -> None:
+    study_dates = sorted({ds.StudyDate for ds in source.instances.values()})
+    nothing, _ = _pull(source, tmp_path / "future", since=date(2100, 1, 1))
+    assert nothing.studies_found == 0 and not nothing.failures
+    first_day = datetime.strptime(study_dates[0], "%Y%m%d").date()
+    early, _ = _pull(source, tmp_path / "early", until=first_day)
+    expected = {ds.StudyInstanceUID for ds in source.instances.values() if ds.StudyDate <= study_dates[0]}
+    assert early.studies_found == len(expected) and early.studies_pulled == len(expected)
+    ct, _ = _pull(source, tmp_path / "ct", modalities=("CT",))
+    assert ct.studies_pulled == len({ds.StudyInstanceUID for ds in source.expected.values() if ds.Modality == "CT"})
+    assert {ds.Modality for ds in _files(tmp_path / "ct").values()} == {"CT"}
+    capped, _ = _pull(source, tmp_path / "capped", max_studies=1)
+    assert capped.studies_pulled == 1 and capped.studies_found == 4
 
 
 def test_the_rate_cap_is_honoured(source: Source, tmp_path: Path) -> None:
