@@ -1,10 +1,12 @@
 """The node's HTTP server: health, Prometheus metrics and the worklist (JSON API and web page).
 
-Bound to loopback by default. When ``http.auth`` is set, every path except ``/health`` needs
-credentials, ``/metrics`` included (it is operational detail of the site, and Prometheus can
-send a bearer token or basic credentials); ``/health`` stays open for load balancers and
-probes, and says no more than ok / disk / counts by state. Every request except health and
-metrics scrapes (which would drown it) goes to the audit log, refused ones included.
+A Starlette app on uvicorn, run in a thread of the node. Bound to loopback by default. When
+``http.auth`` is set, every path except ``/health`` needs credentials, ``/metrics`` included (it
+is operational detail of the site, and Prometheus can send a bearer token or basic credentials);
+``/health`` stays open for load balancers and probes, and says no more than ok / disk / counts by
+state. Every request except health and metrics scrapes (which would drown it) goes to the audit
+log before anything is shown, refused ones included; if the audit log cannot be written, nothing
+is shown (503).
 
 Endpoints (GET):
   /health, /healthz               node health (JSON; 503 when not ok)
@@ -17,85 +19,76 @@ Endpoints (GET):
 
 from __future__ import annotations
 
-import json
-import socket
 import sqlite3
 import threading
-from collections.abc import Callable
-from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from urllib.parse import parse_qs, unquote, urlsplit
 
+import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
 
 from config.settings import Settings
 from node.audit import AuditLog
 from node.auth import Authenticator
 from node.index import StudyIndex
 from node.metrics import NodeMetrics
-from node.web import render_error, render_study, render_worklist
+from node.web import Pages
 from node.worklist import QueryError, StudyQuery, Worklist
 
 HEALTH_PATHS = frozenset({"/health", "/healthz"})
 UNAUDITED_PATHS = HEALTH_PATHS | {"/metrics"}
-JSON_TYPE = "application/json"
-HTML_TYPE = "text/html; charset=utf-8"
 # Nothing on the page loads anything, runs anything or may be framed; answers are never cached.
-COMMON_HEADERS = (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"))
-HTML_HEADERS = (("Content-Security-Policy",
-                 "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"),)
+COMMON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+HTML_HEADERS = {"Content-Security-Policy":
+                "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"}
+START_TIMEOUT_S = 10.0
 
 
-@dataclass(frozen=True)
-class Answer:
-    status: int
-    body: bytes
-    content_type: str
-    headers: tuple[tuple[str, str], ...] = ()
+def _machine(path: str) -> bool:
+    """Paths that answer JSON (or the metrics text) rather than a page, errors included."""
+    return path.startswith("/api/") or path == "/metrics"
 
 
-def _json(status: int, value: object) -> Answer:
-    return Answer(status, json.dumps(value, indent=1).encode(), JSON_TYPE)
-
-
-def _html(status: int, page: str) -> Answer:
-    return Answer(status, page.encode(), HTML_TYPE, HTML_HEADERS)
-
-
-class Routes:
+class Endpoints:
     """What each path answers, given an authorised request."""
 
-    def __init__(self, metrics: NodeMetrics, worklist: Worklist) -> None:
+    def __init__(self, metrics: NodeMetrics, worklist: Worklist, health: Callable[[], dict[str, object]],
+                 pages: Pages) -> None:
         self._metrics = metrics
         self._worklist = worklist
+        self._health = health
+        self.pages = pages
 
-    def answer(self, path: str, params: dict[str, list[str]]) -> Answer:
-        try:
-            if path == "/metrics":
-                return Answer(200, generate_latest(self._metrics.registry), CONTENT_TYPE_LATEST)
-            if path == "/api/studies":
-                return self._api_list(params)
-            if path.startswith("/api/studies/"):
-                return self._api_study(unquote(path.removeprefix("/api/studies/")))
-            if path in ("/", "/index.html"):
-                return self._page_list(params)
-            if path.startswith("/studies/"):
-                return self._page_study(unquote(path.removeprefix("/studies/")))
-        except sqlite3.Error as exc:  # a busy or damaged index: the request fails, the node goes on
-            message = f"index not readable: {type(exc).__name__}"
-            return _json(503, {"error": message}) if path.startswith("/api/") else _html(503, render_error(503, message))
-        if path.startswith("/api/"):
-            return _json(404, {"error": "no such endpoint"})
-        return _html(404, render_error(404, "no such page"))
+    def html(self, status: int, page: str) -> HTMLResponse:
+        return HTMLResponse(page, status, headers=HTML_HEADERS)
 
-    def _api_list(self, params: dict[str, list[str]]) -> Answer:
+    def error(self, path: str, status: int, message: str) -> Response:
+        if _machine(path):
+            return JSONResponse({"error": message}, status)
+        return self.html(status, self.pages.error(status, message))
+
+    def health(self, request: Request) -> Response:
+        state = self._health()
+        return JSONResponse(state, 200 if state.get("ok") else 503)
+
+    def metrics(self, request: Request) -> Response:
+        return Response(generate_latest(self._metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    def api_list(self, request: Request) -> Response:
         try:
-            query = StudyQuery.from_params(params)
+            query = StudyQuery.from_params(_params(request))
         except QueryError as exc:
-            return _json(400, {"error": str(exc)})
+            return JSONResponse({"error": str(exc)}, 400)
         studies = self._worklist.studies(query)
-        return _json(200, {
+        return JSONResponse({
             "query": query.to_json(),
             "count": len(studies),
             "states": self._worklist.counts_by_state(),
@@ -103,71 +96,95 @@ class Routes:
             "studies": [s.to_json() for s in studies],
         })
 
-    def _api_study(self, study_uid: str) -> Answer:
+    def api_study(self, request: Request) -> Response:
+        study_uid = request.path_params["study_uid"]
         detail = self._worklist.study(study_uid)
         if detail is None:
-            return _json(404, {"error": "study not found", "study_uid": study_uid})
-        return _json(200, detail.to_json())
+            return JSONResponse({"error": "study not found", "study_uid": study_uid}, 404)
+        return JSONResponse(detail.to_json())
 
-    def _page_list(self, params: dict[str, list[str]]) -> Answer:
+    def page_list(self, request: Request) -> Response:
         try:
-            query = StudyQuery.from_params(params)
+            query = StudyQuery.from_params(_params(request))
         except QueryError as exc:
-            return _html(400, render_worklist([], StudyQuery(), self._worklist.counts_by_state(),
-                                              self._worklist.export_counts(), error=str(exc)))
-        return _html(200, render_worklist(self._worklist.studies(query), query, self._worklist.counts_by_state(),
-                                          self._worklist.export_counts()))
+            return self.html(400, self.pages.worklist([], StudyQuery(), self._worklist.counts_by_state(),
+                                                      self._worklist.export_counts(), error=str(exc)))
+        return self.html(200, self.pages.worklist(self._worklist.studies(query), query,
+                                                  self._worklist.counts_by_state(), self._worklist.export_counts()))
 
-    def _page_study(self, study_uid: str) -> Answer:
+    def page_study(self, request: Request) -> Response:
+        study_uid = request.path_params["study_uid"]
         detail = self._worklist.study(study_uid)
         if detail is None:
-            return _html(404, render_error(404, f"study {study_uid} not found"))
-        return _html(200, render_study(detail))
+            return self.html(404, self.pages.error(404, f"study {study_uid} not found"))
+        return self.html(200, self.pages.study(detail))
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/health", self.health), Route("/healthz", self.health), Route("/metrics", self.metrics),
+            Route("/", self.page_list), Route("/index.html", self.page_list),
+            Route("/studies/{study_uid:path}", self.page_study),
+            Route("/api/studies", self.api_list), Route("/api/studies/{study_uid:path}", self.api_study),
+        ]
 
 
-def _handler(routes: Routes, health: Callable[[], dict[str, object]], auth: Authenticator,
-             audit: AuditLog) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            split = urlsplit(self.path)
-            if split.path in HEALTH_PATHS:
-                state = health()
-                self._send(_json(200 if state.get("ok") else 503, state))
-                return
-            machine = split.path.startswith("/api/") or split.path == "/metrics"
-            verdict = auth.check(self.headers.get("Authorization"))
+def _params(request: Request) -> dict[str, list[str]]:
+    return {key: request.query_params.getlist(key) for key in request.query_params}
+
+
+class Guard(BaseHTTPMiddleware):
+    """Authentication, the audit record and the common headers, around every endpoint."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], endpoints: Endpoints, auth: Authenticator,
+                 audit: AuditLog) -> None:
+        super().__init__(app)
+        self._endpoints = endpoints
+        self._auth = auth
+        self._audit = audit
+
+    async def dispatch(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        path = request.url.path
+        if path in HEALTH_PATHS:
+            response = await call_next(request)
+        else:
+            verdict = self._auth.check(request.headers.get("authorization"))
             if verdict.allowed:
-                answer = routes.answer(split.path, parse_qs(split.query, keep_blank_values=True))
+                response = await call_next(request)
             else:
-                refused = (_json(401, {"error": "authentication required"}) if machine
-                           else _html(401, render_error(401, "authentication required")))
-                answer = Answer(401, refused.body, refused.content_type,
-                                refused.headers + (("WWW-Authenticate", auth.challenge()),))
-            if split.path not in UNAUDITED_PATHS:
+                response = self._endpoints.error(path, 401, "authentication required")
+                response.headers["WWW-Authenticate"] = self._auth.challenge()
+            if path not in UNAUDITED_PATHS:
+                target = path + (f"?{request.url.query}" if request.url.query else "")
                 try:  # recorded before anything is shown: no view without its record
-                    audit.record(client=self.client_address[0], user=verdict.user, method=self.command,
-                                 path=self.path, status=answer.status)
+                    self._audit.record(client=request.client.host if request.client else "", user=verdict.user,
+                                       method=request.method, path=target, status=response.status_code)
                 except OSError:
-                    message = "audit log not writable"
-                    answer = _json(503, {"error": message}) if machine else _html(503, render_error(503, message))
-            self._send(answer)
-
-        def _send(self, answer: Answer) -> None:
-            self.send_response(answer.status)
-            for name, value in (("Content-Type", answer.content_type),
-                                ("Content-Length", str(len(answer.body))), *COMMON_HEADERS, *answer.headers):
-                self.send_header(name, value)
-            self.end_headers()
-            self.wfile.write(answer.body)
-
-        def log_message(self, format: str, *args: object) -> None:
-            return  # requests go to the audit log; the node's log stays free of paths
-
-    return Handler
+                    response = self._endpoints.error(path, 503, "audit log not writable")
+        response.headers.update(COMMON_HEADERS)
+        return response
 
 
-class _IPv6Server(ThreadingHTTPServer):
-    address_family = socket.AF_INET6
+def build_app(settings: Settings, metrics: NodeMetrics, health: Callable[[], dict[str, object]],
+              index: StudyIndex) -> Starlette:
+    endpoints = Endpoints(metrics, Worklist(index), health, Pages())
+
+    def not_found(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, HTTPException) else 404
+        path = request.url.path
+        if status == 405:
+            return endpoints.error(path, 405, "method not allowed")
+        return endpoints.error(path, 404, "no such endpoint" if _machine(path) else "no such page")
+
+    def index_unreadable(request: Request, exc: Exception) -> Response:
+        # A busy or damaged index: the request fails, the node goes on.
+        return endpoints.error(request.url.path, 503, f"index not readable: {type(exc).__name__}")
+
+    return Starlette(
+        routes=endpoints.routes(),
+        middleware=[Middleware(Guard, endpoints=endpoints, auth=Authenticator(settings.http),
+                               audit=AuditLog(audit_log_path(settings)))],
+        exception_handlers={HTTPException: not_found, sqlite3.Error: index_unreadable},
+    )
 
 
 def audit_log_path(settings: Settings) -> Path:
@@ -175,12 +192,37 @@ def audit_log_path(settings: Settings) -> Path:
     return settings.http.audit_log or settings.node.data_dir / "audit.log"
 
 
+class HttpServer:
+    """uvicorn serving the app in a daemon thread; ``shutdown`` stops it and waits."""
+
+    def __init__(self, app: Starlette, host: str, port: int) -> None:
+        # log_config=None: uvicorn must not reconfigure the node's logging; no access log (the audit
+        # log is the record of requests, and the node's log stays free of paths).
+        self._server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False,
+                                                     lifespan="off", log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, name="http", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise OSError(f"HTTP server did not start on {self._server.config.host}:{self._server.config.port} "
+                              "(port in use?)")
+            time.sleep(0.02)
+
+    @property
+    def server_address(self) -> tuple[str, int]:
+        host, port = self._server.servers[0].sockets[0].getsockname()[:2]
+        return str(host), int(port)
+
+    def shutdown(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+
 def start_http(settings: Settings, metrics: NodeMetrics, health: Callable[[], dict[str, object]],
-               index: StudyIndex) -> ThreadingHTTPServer:
-    handler = _handler(Routes(metrics, Worklist(index)), health, Authenticator(settings.http),
-                       AuditLog(audit_log_path(settings)))
-    server_class = _IPv6Server if ":" in settings.http.host else ThreadingHTTPServer
-    server = server_class((settings.http.host, settings.http.port), handler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+               index: StudyIndex) -> HttpServer:
+    server = HttpServer(build_app(settings, metrics, health, index), settings.http.host, settings.http.port)
+    server.start()
     return server

@@ -21,6 +21,7 @@ import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
+from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -54,14 +55,14 @@ class Scenario:
         return f"http://127.0.0.1:{self.node.http_port}{path}"
 
 
-def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    """A GET that returns error answers instead of raising them."""
+def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, Message, bytes]:
+    """A GET that returns error answers instead of raising them; header names match in any case."""
     request = urllib.request.Request(url, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=10) as answer:
-            return answer.status, dict(answer.headers), answer.read()
+            return answer.status, answer.headers, answer.read()
     except urllib.error.HTTPError as error:
-        return error.code, dict(error.headers), error.read()
+        return error.code, error.headers, error.read()
 
 
 def get_json(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
