@@ -32,11 +32,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at
 from pynetdicom.transport import ThreadedAssociationServer
 
 from config.settings import NodeSettings
-from node.headers import InstanceKind, UnreadableDataset, read_header
+from node.headers import InstanceHeader, InstanceKind, UnreadableDataset, read_header
 from node.index import IngestChange, Received, StudyIndex
 from node.ingest import INGEST_ERRORS, IngestWriter
 from node.metrics import NodeMetrics
-from node.store import InstanceKey, StoreOutcome, StudyStore
+from node.store import StoreOutcome, StudyStore
 from node.uids import InvalidUID, is_valid_uid
 
 SUCCESS = 0x0000
@@ -271,6 +271,16 @@ class FreeSpaceGauge:
             return self._ok
 
 
+@dataclass(frozen=True)
+class Stored:
+    """What storing one instance came to: its DICOM status, its header where it could be read, and
+    why it failed (for STOW-RS's FailedSOPSequence and the logs)."""
+
+    status: int
+    header: InstanceHeader | None
+    reason: str = ""
+
+
 class StorageSCP:
     """The event handlers of the node's AE."""
 
@@ -332,25 +342,31 @@ class StorageSCP:
     def on_echo(self, event: Event) -> int:
         return SUCCESS
 
-    def on_store(self, event: Event) -> int | tuple[int, Dataset]:
+    def on_store(self, event: Event) -> int:
         """Store one instance durably, exactly as received, and index it."""
-        encoded = event.encoded_dataset()
-        peer = str(event.assoc.requestor.ae_title).strip()
+        request = cast(C_STORE, event.request)
+        return self.store_encoded(event.encoded_dataset(), str(event.assoc.requestor.ae_title).strip(),
+                                  (str(request.AffectedSOPInstanceUID), str(request.AffectedSOPClassUID))).status
+
+    def store_encoded(self, encoded: bytes, peer: str, announced: tuple[str, str] | None = None) -> Stored:
+        """Store one Part 10 instance durably, as received, and index it: the C-STORE and the STOW-RS
+        path alike. ``announced``: the (SOP Instance UID, SOP Class UID) the request named, which
+        the data set must match (a STOW-RS part announces none)."""
         if not self.free_space.enough():
             self.metrics.instances.labels(outcome="disk_full").inc()
             self.log.error("store refused: free disk below watermark", peer=peer)
-            return OUT_OF_RESOURCES_DISK
+            return Stored(OUT_OF_RESOURCES_DISK, None, "free disk below the watermark")
         try:
             header = read_header(encoded, self.settings.uid_root, self.settings.manufacturer)
         except UnreadableDataset as exc:
             return self._refuse(encoded, CANNOT_UNDERSTAND, str(exc), peer)
         except InvalidUID as exc:
             return self._refuse(encoded, INVALID_UID, str(exc), peer)
-        request = cast(C_STORE, event.request)
-        if str(request.AffectedSOPInstanceUID) != header.key.sop_uid:
+        if announced is not None and announced[0] != header.key.sop_uid:
             return self._refuse(encoded, DATASET_MISMATCH, "SOPInstanceUID differs from the request's", peer)
-        if str(request.AffectedSOPClassUID) != header.sop_class_uid:
+        if announced is not None and announced[1] != header.sop_class_uid:
             return self._refuse(encoded, DATASET_MISMATCH, "SOPClassUID differs from the request's", peer)
+        stored = Stored(SUCCESS, header)
         kind = header.kind
         produced = self.index.is_produced(header.key.sop_uid)
         if produced:
@@ -364,7 +380,7 @@ class StorageSCP:
             else:
                 outcome, path = self.store.write(header.key, encoded)
             if outcome is StoreOutcome.CONFLICT:
-                return self._kept_aside(path, header.key, peer)
+                return self._kept_aside(path, stored, peer)
             received = Received(
                 header=replace(header, kind=kind),
                 path=str(header.key.relative_path), size=len(encoded), absolute=path,
@@ -374,34 +390,36 @@ class StorageSCP:
             self.metrics.instances.labels(outcome="write_failed").inc()
             self.log.error("store failed: not durable", error=type(exc).__name__, sop_uid=header.key.sop_uid,
                            peer=peer)
-            return OUT_OF_RESOURCES_WRITE
+            return replace(stored, status=OUT_OF_RESOURCES_WRITE, reason="not durable")
         if change is IngestChange.VANISHED:
             self.metrics.instances.labels(outcome="write_failed").inc()
-            return OUT_OF_RESOURCES_WRITE
+            return replace(stored, status=OUT_OF_RESOURCES_WRITE, reason="not durable")
         if change is IngestChange.MISPLACED and outcome is StoreOutcome.STORED:
             try:
-                return self._kept_aside(self.store.set_aside(path, header.key), header.key, peer)
+                return self._kept_aside(self.store.set_aside(path, header.key), stored, peer)
             except OSError as exc:
                 self.log.error("store failed: conflict not set aside", error=type(exc).__name__,
                                sop_uid=header.key.sop_uid, peer=peer)
-                return OUT_OF_RESOURCES_WRITE
+                return replace(stored, status=OUT_OF_RESOURCES_WRITE, reason="not durable")
         self.metrics.instances.labels(outcome=change.value if outcome is StoreOutcome.STORED else "duplicate").inc()
         if change is IngestChange.NEW:
             self.metrics.bytes.inc(len(encoded))
         self.log.debug("stored", sop_uid=header.key.sop_uid, study_uid=header.key.study_uid, kind=kind.value,
                        change=change.value)
-        return SUCCESS
+        return stored
 
-    def _kept_aside(self, aside: Path, key: InstanceKey, peer: str) -> int:
+    def _kept_aside(self, aside: Path, stored: Stored, peer: str) -> Stored:
         """A re-send that conflicts with the indexed instance (other bytes, or another study or
         series): the original stays, the copy is kept durably in quarantine, the peer is told success."""
+        assert stored.header is not None
+        key = stored.header.key
         self.metrics.instances.labels(outcome="conflict").inc()
         self.log.warning("conflicting re-send kept in quarantine", sop_uid=key.sop_uid, study_uid=key.study_uid,
                          peer=peer)
         self.store.sync_dirs(set(self.store.touched_dirs(aside)))
-        return SUCCESS
+        return stored
 
-    def _refuse(self, encoded: bytes, status: int, reason: str, peer: str) -> int:
+    def _refuse(self, encoded: bytes, status: int, reason: str, peer: str) -> Stored:
         self.metrics.instances.labels(outcome="refused").inc()
         try:
             kept = self.store.quarantine_rejected(encoded, reason)
@@ -409,7 +427,7 @@ class StorageSCP:
         except OSError as exc:
             self.log.warning("store refused, not kept", status=hex(status), reason=reason, peer=peer,
                              error=type(exc).__name__)
-        return status
+        return Stored(status, None, reason)
 
     def on_n_create(self, event: Event) -> tuple[int, Dataset | None]:
         """MPPS IN PROGRESS: remember which study the procedure step belongs to."""
