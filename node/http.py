@@ -8,6 +8,8 @@ state. Every request except health and metrics scrapes (which would drown it) go
 log before anything is shown, refused ones included; if the audit log cannot be written, nothing
 is shown (503).
 
+DICOMweb (STOW-RS, QIDO-RS, WADO-RS) is mounted at ``/dicomweb`` (``node.dicomweb``).
+
 Endpoints (GET):
   /health, /healthz               node health (JSON; 503 when not ok)
   /metrics                        Prometheus exposition
@@ -38,8 +40,11 @@ from starlette.routing import Route
 from config.settings import Settings
 from node.audit import AuditLog
 from node.auth import Authenticator
+from node.dicomweb import DicomWeb
 from node.index import StudyIndex
 from node.metrics import NodeMetrics
+from node.scp import StorageSCP
+from node.store import StudyStore
 from node.web import Pages
 from node.worklist import QueryError, StudyQuery, Worklist
 
@@ -54,7 +59,7 @@ START_TIMEOUT_S = 10.0
 
 def _machine(path: str) -> bool:
     """Paths that answer JSON (or the metrics text) rather than a page, errors included."""
-    return path.startswith("/api/") or path == "/metrics"
+    return path.startswith(("/api/", "/dicomweb")) or path == "/metrics"
 
 
 class Endpoints:
@@ -165,7 +170,7 @@ class Guard(BaseHTTPMiddleware):
 
 
 def build_app(settings: Settings, metrics: NodeMetrics, health: Callable[[], dict[str, object]],
-              index: StudyIndex) -> Starlette:
+              index: StudyIndex, dicomweb: DicomWeb) -> Starlette:
     endpoints = Endpoints(metrics, Worklist(index), health, Pages())
 
     def not_found(request: Request, exc: Exception) -> Response:
@@ -180,7 +185,7 @@ def build_app(settings: Settings, metrics: NodeMetrics, health: Callable[[], dic
         return endpoints.error(request.url.path, 503, f"index not readable: {type(exc).__name__}")
 
     return Starlette(
-        routes=endpoints.routes(),
+        routes=endpoints.routes() + dicomweb.routes(),
         middleware=[Middleware(Guard, endpoints=endpoints, auth=Authenticator(settings.http),
                                audit=AuditLog(audit_log_path(settings)))],
         exception_handlers={HTTPException: not_found, sqlite3.Error: index_unreadable},
@@ -222,7 +227,8 @@ class HttpServer:
 
 
 def start_http(settings: Settings, metrics: NodeMetrics, health: Callable[[], dict[str, object]],
-               index: StudyIndex) -> HttpServer:
-    server = HttpServer(build_app(settings, metrics, health, index), settings.http.host, settings.http.port)
+               index: StudyIndex, scp: StorageSCP, store: StudyStore) -> HttpServer:
+    app = build_app(settings, metrics, health, index, DicomWeb(scp, store, index))
+    server = HttpServer(app, settings.http.host, settings.http.port)
     server.start()
     return server

@@ -54,7 +54,7 @@ class Node:
         self.server = start_scp(self.settings.node, self.scp)
         self.dicom_port = int(self.server.server_address[1])
         if self.settings.http.enabled:
-            self.http = start_http(self.settings, self.metrics, self.health, self.index)
+            self.http = start_http(self.settings, self.metrics, self.health, self.index, self.scp, self.store)
             self.http_port = int(self.http.server_address[1])
         self.assembler.start()
         self.dispatcher.start()

@@ -384,23 +384,25 @@ JOB_COLUMNS = ("j.job_id, j.study_uid, j.pipeline, j.version, j.state, j.reason,
                " j.findings, j.created_at, j.published_at, j.updated_at")
 
 
+@contextmanager
+def snapshot(index: StudyIndex) -> Iterator[sqlite3.Connection]:
+    """A read-only connection to the index, all its queries in one transaction (one consistent view)."""
+    conn = sqlite3.connect(index.path, timeout=30, isolation_level=None)
+    try:
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA query_only=ON")
+        conn.execute("BEGIN")
+        yield conn
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
 class Worklist:
     """Read-only queries over a node's index, shared by the API, the web page and the CLI."""
 
     def __init__(self, index: StudyIndex) -> None:
         self._index = index
-
-    @contextmanager
-    def _snapshot(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(self._index.path, timeout=30, isolation_level=None)
-        try:
-            conn.row_factory = sqlite3.Row
-            conn.execute("PRAGMA query_only=ON")
-            conn.execute("BEGIN")
-            yield conn
-            conn.execute("COMMIT")
-        finally:
-            conn.close()
 
     def counts_by_state(self) -> dict[str, int]:
         return self._index.counts_by_state()
@@ -422,7 +424,7 @@ class Worklist:
             where.append("created_at<?")
             params.append(datetime.combine(query.date_to + timedelta(days=1), datetime.min.time()).timestamp())
         sql = "SELECT * FROM studies" + (" WHERE " + " AND ".join(where) if where else "")
-        with self._snapshot() as conn:
+        with snapshot(self._index) as conn:
             studies = conn.execute(sql + " ORDER BY created_at DESC LIMIT ?", (*params, query.limit)).fetchall()
             uids = [row["study_uid"] for row in studies]
             jobs: dict[str, list[PipelineResult]] = {}
@@ -437,7 +439,7 @@ class Worklist:
         return [self._entry(row, jobs.get(row["study_uid"], [])) for row in studies]
 
     def study(self, study_uid: str) -> StudyDetail | None:
-        with self._snapshot() as conn:
+        with snapshot(self._index) as conn:
             row = conn.execute("SELECT * FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
             if row is None:
                 return None
