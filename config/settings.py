@@ -13,7 +13,16 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    SecretStr,
+    Tag,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -134,14 +143,49 @@ class BrokerSettings(Strict):
 
 
 class Destination(Strict):
-    """A DICOM peer that receives results."""
+    """A DICOM peer that receives results by C-STORE."""
 
+    kind: Literal["dimse"] = "dimse"
     name: str
     host: str
     port: int = Field(ge=1, le=65535)
     ae_title: str = Field(max_length=16)
     tls: TLSSettings = Field(default_factory=TLSSettings)
     accepts_sr_seg: bool = Field(default=True, description="false: send Key Objects and Secondary Captures instead")
+
+
+class DicomWebDestination(Strict):
+    """A DICOMweb server that receives results by STOW-RS (``url``: its DICOMweb root, e.g.
+    ``https://vna.example/dicom-web``), with a bearer token or basic credentials if it needs them."""
+
+    kind: Literal["dicomweb"]
+    name: str
+    url: str = Field(pattern=r"^https?://")
+    token: SecretStr | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    ca_file: Path | None = Field(default=None, description="CA bundle to verify an https server (default: system)")
+    accepts_sr_seg: bool = Field(default=True, description="false: send Key Objects and Secondary Captures instead")
+
+    @model_validator(mode="after")
+    def _one_auth(self) -> DicomWebDestination:
+        if self.token is not None and self.username is not None:
+            raise ValueError("a dicomweb destination takes token or username/password, not both")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("a dicomweb destination needs username and password together")
+        return self
+
+
+def _destination_kind(value: Any) -> str:
+    """``kind`` of a destination entry; entries without one are DIMSE peers (as before kinds existed)."""
+    kind = value.get("kind", "dimse") if isinstance(value, dict) else getattr(value, "kind", "dimse")
+    return str(kind)
+
+
+AnyDestination = Annotated[
+    Annotated[Destination, Tag("dimse")] | Annotated[DicomWebDestination, Tag("dicomweb")],
+    Discriminator(_destination_kind),
+]
 
 
 MatchOperator = Literal["equals", "in", "regex", "range"]
@@ -325,7 +369,7 @@ class Settings(BaseSettings):
 
     node: NodeSettings = Field(default_factory=NodeSettings)
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
-    destinations: list[Destination] = Field(default_factory=list)
+    destinations: list[AnyDestination] = Field(default_factory=list)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     exports: ExportSettings = Field(default_factory=ExportSettings)
@@ -335,7 +379,7 @@ class Settings(BaseSettings):
 
     @field_validator("destinations")
     @classmethod
-    def _unique_destination_names(cls, destinations: list[Destination]) -> list[Destination]:
+    def _unique_destination_names(cls, destinations: list[AnyDestination]) -> list[AnyDestination]:
         """Exports are kept per destination name: two destinations must not share one."""
         names = [dest.name for dest in destinations]
         duplicates = sorted({name for name in names if names.count(name) > 1})

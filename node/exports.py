@@ -1,4 +1,5 @@
-"""The export outbox: sends result files to the configured destinations until each one took them.
+"""The export outbox: sends result files to the configured destinations until each one took them
+(C-STORE to a DIMSE peer, STOW-RS to a ``dicomweb`` one: ``node.stow``).
 
 ``StudyIndex.apply_report`` commits one pending row per (result file, destination) together
 with the DONE report. This loop takes the due rows, sends each destination's files over one
@@ -27,12 +28,13 @@ from pathlib import Path
 
 import structlog
 
-from config.settings import Destination, ExportSettings, Settings
+from config.settings import AnyDestination, DicomWebDestination, ExportSettings, Settings
 from node.index import DueExport, ExportFailure, ExportKey, StudyIndex
 from node.metrics import NodeMetrics
 from node.send import SendReport, client_tls_args, scan, send_files
 from node.service_thread import ServiceThread
 from node.store import StudyStore
+from node.stow import stow_files
 
 SUCCESS_STATUS = "0x0000 Success"
 MAX_EXPONENT = 64  # 2**64 * any sane base is far above any sane max_backoff_s; keeps floats finite
@@ -75,7 +77,7 @@ class Exporter(ServiceThread):
                 sent += self._send(dest, rows)
         return sent
 
-    def _send(self, dest: Destination, rows: list[DueExport]) -> int:
+    def _send(self, dest: AnyDestination, rows: list[DueExport]) -> int:
         by_path: dict[str, list[DueExport]] = defaultdict(list)
         unsendable: dict[str, list[DueExport]] = defaultdict(list)
         for row in rows:
@@ -96,6 +98,8 @@ class Exporter(ServiceThread):
             self._fail_for_good(dest.name, lost, reason)
         if not outgoing:
             return 0
+        if isinstance(dest, DicomWebDestination):
+            return self._record(dest, by_path, stow_files([item.path for item in outgoing], dest))
         try:
             tls_args = client_tls_args(dest.tls, dest.host)
         except OSError as exc:  # certificate or key unreadable: retried (and visible) like a refusal
@@ -105,7 +109,7 @@ class Exporter(ServiceThread):
                                 tls_args=tls_args)
         return self._record(dest, by_path, report)
 
-    def _record(self, dest: Destination, by_path: dict[str, list[DueExport]], report: SendReport) -> int:
+    def _record(self, dest: AnyDestination, by_path: dict[str, list[DueExport]], report: SendReport) -> int:
         """Write one round's outcomes for one destination to the index, and count them."""
         now = time.time()
         sent: dict[ExportKey, str] = {}

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from config.settings import Destination
+from config.settings import AnyDestination
 from node.headers import InstanceHeader, InstanceKind
 from node.messages import JobState, ReportMessage, ResultKind
 
@@ -278,7 +278,7 @@ class StudyIndex:
     tools that only read the index or purge it (``pacsnode status``, ``purge``) pass none.
     """
 
-    def __init__(self, path: Path, destinations: Sequence[Destination] = ()) -> None:
+    def __init__(self, path: Path, destinations: Sequence[AnyDestination] = ()) -> None:
         self.path = path
         self._destinations = tuple(destinations)
         path.parent.mkdir(parents=True, exist_ok=True)

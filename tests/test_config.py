@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from config.settings import default_config_path, load_settings
+from config.settings import DicomWebDestination, default_config_path, load_settings
 from node.child_process import pacsnode_command
 
 
@@ -118,3 +118,17 @@ def test_models_are_not_checked_where_the_node_cannot_see_them(tmp_path: Path) -
     result = run_cli("config", "check", env=env)
     assert result.returncode == 0, result.stderr
     assert "no installed model" not in result.stderr
+
+
+def test_destinations_are_dimse_peers_or_dicomweb_servers() -> None:
+    settings = load_settings(None, destinations=[
+        {"name": "pacs", "host": "10.0.0.5", "port": 104, "ae_title": "PACS"},
+        {"name": "vna", "kind": "dicomweb", "url": "https://vna.example/dicom-web", "token": "t" * 20}])
+    pacs, vna = settings.destinations
+    assert pacs.kind == "dimse" and vna.kind == "dicomweb" and isinstance(vna, DicomWebDestination)
+    with pytest.raises(ValidationError, match="url"):
+        load_settings(None, destinations=[{"name": "vna", "kind": "dicomweb", "url": "ftp://x"}])
+    with pytest.raises(ValidationError, match="username and password together"):
+        load_settings(None, destinations=[{"name": "vna", "kind": "dicomweb", "url": "http://x", "username": "u"}])
+    with pytest.raises(ValidationError, match="ae_title"):
+        load_settings(None, destinations=[{"name": "pacs", "host": "h", "port": 104}])
