@@ -294,6 +294,37 @@ class ExportSettings(Strict):
     poll_s: float = Field(default=1.0, gt=0, description="how often due exports are looked for")
 
 
+class Hl7Notification(Strict):
+    """A RIS (or interface engine) that gets an HL7 v2.5 ORU^R01 for every finished study, over MLLP,
+    through a persistent outbox with the retry schedule of ``exports``; an ACK (MSA-1 AA or CA) is
+    required, anything else is retried."""
+
+    kind: Literal["hl7"] = "hl7"
+    name: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    sending_application: str = "PACSNODE"
+    sending_facility: str = ""
+    receiving_application: str = "RIS"
+    receiving_facility: str = ""
+    timeout_s: float = Field(default=10.0, gt=0, description="connect and ACK wait")
+
+
+class UrgentFinding(Strict):
+    """A finding that makes a study urgent when a model calls it present."""
+
+    pipeline: str
+    finding: str
+
+
+class TriageSettings(Strict):
+    """Which positive calls put a study first on the worklist and first in the RIS notifications."""
+
+    urgent: list[UrgentFinding] = Field(
+        default_factory=lambda: [UrgentFinding(pipeline="ct-hemorrhage", finding="any")],
+        description="default: intracranial hemorrhage called present")
+
+
 class WorkerSettings(Strict):
     embedded: bool = Field(default=True, description="pacsnode serve starts one worker process itself")
     embedded_log: Path | None = Field(
@@ -373,6 +404,8 @@ class Settings(BaseSettings):
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
     exports: ExportSettings = Field(default_factory=ExportSettings)
+    notifications: list[Hl7Notification] = Field(default_factory=list)
+    triage: TriageSettings = Field(default_factory=TriageSettings)
     workers: WorkerSettings = Field(default_factory=WorkerSettings)
     http: HttpSettings = Field(default_factory=HttpSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)

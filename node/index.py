@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from config.settings import AnyDestination
+from config.settings import AnyDestination, UrgentFinding
 from node.headers import InstanceHeader, InstanceKind
 from node.messages import JobState, ReportMessage, ResultKind
 
@@ -110,6 +110,21 @@ CREATE TABLE IF NOT EXISTS exports (
 );
 CREATE INDEX IF NOT EXISTS exports_due ON exports(state, next_attempt_at);
 CREATE INDEX IF NOT EXISTS exports_study ON exports(study_uid, state);
+CREATE TABLE IF NOT EXISTS notifications (
+    study_uid TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    target TEXT NOT NULL,
+    urgent INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at REAL NOT NULL,
+    last_status TEXT NOT NULL DEFAULT '',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    sent_at REAL,
+    PRIMARY KEY (study_uid, version, target)
+);
+CREATE INDEX IF NOT EXISTS notifications_due ON notifications(state, urgent DESC, next_attempt_at);
 CREATE TABLE IF NOT EXISTS mpps (
     mpps_uid TEXT PRIMARY KEY,
     study_uid TEXT NOT NULL,
@@ -258,6 +273,30 @@ class DueExport:
 
 
 @dataclass(frozen=True)
+class PipelineOutcome:
+    """One pipeline's report for a study version, as stored: findings by name, result files."""
+
+    pipeline: str
+    findings: dict[str, object]
+    results: list[dict[str, object]]
+
+
+@dataclass(frozen=True)
+class NotificationRow:
+    """One study version's notification to one RIS target (the outbox row)."""
+
+    study_uid: str
+    version: int
+    target: str
+    urgent: bool
+    state: str
+    attempts: int
+    last_status: str
+    next_attempt_at: float
+    sent_at: float | None
+
+
+@dataclass(frozen=True)
 class ExportFailure:
     """A failed attempt; ``retry_at`` None makes the failure permanent."""
 
@@ -278,9 +317,12 @@ class StudyIndex:
     tools that only read the index or purge it (``pacsnode status``, ``purge``) pass none.
     """
 
-    def __init__(self, path: Path, destinations: Sequence[AnyDestination] = ()) -> None:
+    def __init__(self, path: Path, destinations: Sequence[AnyDestination] = (), notify: Sequence[str] = (),
+                 urgent: Sequence[UrgentFinding] = ()) -> None:
         self.path = path
         self._destinations = tuple(destinations)
+        self._notify = tuple(notify)
+        self._urgent = tuple(urgent)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
         self._connection().executescript(SCHEMA)
@@ -421,6 +463,12 @@ class StudyIndex:
             (study_uid, InstanceKind.IMAGE.value),
         )
         return [SeriesRow(**dict(row)) for row in rows]
+
+    def first_instance_path(self, study_uid: str) -> str | None:
+        """A stored image of the study (its oldest), relative to the store; None if none is left."""
+        row = self._read("SELECT path FROM instances WHERE study_uid=? AND kind=? ORDER BY received_at LIMIT 1",
+                         (study_uid, InstanceKind.IMAGE.value))
+        return str(row[0]["path"]) if row else None
 
     def series_instances(self, series_uid: str) -> list[str]:
         rows = self._read(
@@ -619,8 +667,7 @@ class StudyIndex:
             counts[str(row["state"])] = int(row["n"])
         return counts
 
-    @staticmethod
-    def _refresh_study(conn: sqlite3.Connection, study_uid: str, version: int, now: float) -> None:
+    def _refresh_study(self, conn: sqlite3.Connection, study_uid: str, version: int, now: float) -> None:
         """Derive the study's state from the jobs of its current version."""
         study = conn.execute("SELECT version, state FROM studies WHERE study_uid=?", (study_uid,)).fetchone()
         if study is None or study["version"] != version or study["state"] == StudyState.RECEIVING.value:
@@ -653,6 +700,63 @@ class StudyIndex:
             "UPDATE studies SET state=?, reason=?, updated_at=? WHERE study_uid=?",
             (new.value, "; ".join(reasons), now, study_uid),
         )
+        if new is StudyState.DONE and study["state"] != StudyState.DONE.value:
+            self._queue_notifications(conn, study_uid, version, now)
+
+    def is_urgent(self, findings_by_pipeline: Mapping[str, Mapping[str, object]]) -> bool:
+        """Whether any model called one of the ``triage.urgent`` findings present."""
+        for rule in self._urgent:
+            finding = findings_by_pipeline.get(rule.pipeline, {}).get(rule.finding)
+            if isinstance(finding, Mapping) and finding.get("present") is True:
+                return True
+        return False
+
+    def _version_findings(self, conn: sqlite3.Connection, study_uid: str, version: int) -> dict[str, dict[str, object]]:
+        rows = conn.execute("SELECT pipeline, findings FROM jobs WHERE study_uid=? AND version=?", (study_uid, version))
+        return {row["pipeline"]: json.loads(row["findings"]) for row in rows}
+
+    def _queue_notifications(self, conn: sqlite3.Connection, study_uid: str, version: int, now: float) -> None:
+        """One pending notification per RIS target, in the transaction that finished the study."""
+        urgent = self.is_urgent(self._version_findings(conn, study_uid, version))
+        conn.executemany(
+            "INSERT OR IGNORE INTO notifications(study_uid, version, target, urgent, state, next_attempt_at,"
+            " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
+            [(study_uid, version, target, int(urgent), ExportState.PENDING.value, now, now, now)
+             for target in self._notify])
+
+    # --- notification outbox ------------------------------------------------------------
+
+    def due_notifications(self, now: float, limit: int = 100) -> list[NotificationRow]:
+        """Pending notifications whose attempt is due: urgent studies first, then oldest due."""
+        rows = self._read(
+            "SELECT study_uid, version, target, urgent, state, attempts, last_status, next_attempt_at, sent_at"
+            " FROM notifications WHERE state=? AND next_attempt_at<=? ORDER BY urgent DESC, next_attempt_at LIMIT ?",
+            (ExportState.PENDING.value, now, limit))
+        return [NotificationRow(**{**dict(row), "urgent": bool(row["urgent"])}) for row in rows]
+
+    def record_notification(self, row: NotificationRow, status: str, sent: bool, retry_at: float | None,
+                            now: float) -> None:
+        """One attempt's outcome: sent, retried at ``retry_at``, or (neither) failed for good."""
+        state = ExportState.SENT if sent else ExportState.PENDING if retry_at is not None else ExportState.FAILED
+        with self.transaction() as conn:
+            conn.execute(
+                "UPDATE notifications SET state=?, attempts=attempts+1, last_status=?, next_attempt_at=?,"
+                " sent_at=?, updated_at=? WHERE study_uid=? AND version=? AND target=? AND state=?",
+                (state.value, status, retry_at if retry_at is not None else now, now if sent else None, now,
+                 row.study_uid, row.version, row.target, ExportState.PENDING.value))
+
+    def notifications_of(self, study_uid: str) -> list[NotificationRow]:
+        rows = self._read(
+            "SELECT study_uid, version, target, urgent, state, attempts, last_status, next_attempt_at, sent_at"
+            " FROM notifications WHERE study_uid=? ORDER BY version, target", (study_uid,))
+        return [NotificationRow(**{**dict(row), "urgent": bool(row["urgent"])}) for row in rows]
+
+    def version_outcomes(self, study_uid: str, version: int) -> list[PipelineOutcome]:
+        """What each pipeline reported for one version of a study: findings and result files."""
+        rows = self._read("SELECT pipeline, findings, results FROM jobs WHERE study_uid=? AND version=?"
+                          " ORDER BY pipeline", (study_uid, version))
+        return [PipelineOutcome(row["pipeline"], json.loads(row["findings"]), json.loads(row["results"]))
+                for row in rows]
 
     # --- listing and retention ----------------------------------------------------------
 
@@ -670,13 +774,14 @@ class StudyIndex:
         return {str(row["state"]): int(row["n"]) for row in rows}
 
     def finished_studies_oldest_first(self) -> list[StudyRow]:
-        """Studies retention may purge: not in flight, and no result still waiting for export."""
+        """Studies retention may purge: not in flight, and no result or notification still waiting."""
         in_flight = tuple(s.value for s in IN_FLIGHT)
         rows = self._read(
             f"SELECT * FROM studies WHERE state NOT IN ({','.join('?' * len(in_flight))})"
             " AND NOT EXISTS (SELECT 1 FROM exports WHERE exports.study_uid=studies.study_uid AND exports.state=?)"
+            " AND NOT EXISTS (SELECT 1 FROM notifications n WHERE n.study_uid=studies.study_uid AND n.state=?)"
             " ORDER BY updated_at",
-            (*in_flight, ExportState.PENDING.value),
+            (*in_flight, ExportState.PENDING.value, ExportState.PENDING.value),
         )
         return [StudyRow(**dict(row)) for row in rows]
 
@@ -685,23 +790,25 @@ class StudyIndex:
 
         ``retire_files`` (moving the study's folder out of the store) runs inside the same
         transaction, so an instance arriving meanwhile is either indexed first (and the study
-        is kept) or finds its file gone and is refused, to be re-sent. A study with exports
-        still pending is kept: its result files are yet to be sent.
+        is kept) or finds its file gone and is refused, to be re-sent. A study with exports or
+        notifications still pending is kept: they read its files.
         """
         in_flight = tuple(s.value for s in IN_FLIGHT)
         with self.transaction() as conn:
             deleted = conn.execute(
                 f"DELETE FROM studies WHERE study_uid=? AND updated_at=? AND state NOT IN"
                 f" ({','.join('?' * len(in_flight))})"
-                " AND NOT EXISTS (SELECT 1 FROM exports WHERE study_uid=? AND state=?)",
-                (study_uid, expected_updated_at, *in_flight, study_uid, ExportState.PENDING.value),
+                " AND NOT EXISTS (SELECT 1 FROM exports WHERE study_uid=? AND state=?)"
+                " AND NOT EXISTS (SELECT 1 FROM notifications WHERE study_uid=? AND state=?)",
+                (study_uid, expected_updated_at, *in_flight, study_uid, ExportState.PENDING.value, study_uid,
+                 ExportState.PENDING.value),
             ).rowcount
             if not deleted:
                 return False
             # Our results' UIDs go with their jobs: a purged study's results are files no longer kept.
             conn.execute("DELETE FROM produced WHERE job_id IN (SELECT job_id FROM jobs WHERE study_uid=?)",
                          (study_uid,))
-            for table in ("series", "instances", "jobs", "mpps", "exports"):
+            for table in ("series", "instances", "jobs", "mpps", "exports", "notifications"):
                 conn.execute(f"DELETE FROM {table} WHERE study_uid=?", (study_uid,))
             retire_files()
         return True

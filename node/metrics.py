@@ -53,6 +53,10 @@ class NodeMetrics:
             "pacsnode_export_attempts", "Result C-STOREs to destinations by outcome (sent, retry, failed)",
             ["destination", "outcome"], registry=self.registry,
         )
+        self.notifications = Counter(
+            "pacsnode_notification_attempts", "HL7 ORU messages to RIS targets by outcome (sent, retry, failed)",
+            ["target", "outcome"], registry=self.registry,
+        )
 
     def watch_index(self, counts: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_ByState("pacsnode_studies", "Studies in the index by state", counts))

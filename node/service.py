@@ -21,6 +21,7 @@ from node.http import start_http
 from node.index import StudyIndex
 from node.ingest import IngestWriter
 from node.metrics import NodeMetrics
+from node.notifier import Notifier
 from node.reports import ReportConsumer
 from node.retention import apply_purge, plan_purge
 from node.scp import StorageSCP, start_scp
@@ -31,7 +32,8 @@ class Node:
     def __init__(self, settings: Settings, config_file: Path | None = None, with_worker: bool | None = None) -> None:
         self.settings = settings
         self.store = StudyStore(settings.node.store_path)
-        self.index = StudyIndex(settings.node.index_path, destinations=settings.destinations)
+        self.index = StudyIndex(settings.node.index_path, destinations=settings.destinations,
+                                notify=[n.name for n in settings.notifications], urgent=settings.triage.urgent)
         self.metrics = NodeMetrics()
         self.metrics.watch_index(self.index.counts_by_state)
         self.metrics.watch_exports(self.index.export_counts)
@@ -41,6 +43,7 @@ class Node:
         self.dispatcher = Dispatcher(settings, self.index, self.metrics)
         self.reports = ReportConsumer(settings, self.index, self.metrics)
         self.exporter = Exporter(settings, self.index, self.store, self.metrics)
+        self.notifier = Notifier(settings, self.index, self.store, self.metrics)
         run_worker = settings.workers.embedded if with_worker is None else with_worker
         self.worker = EmbeddedWorker(settings, config_file) if run_worker else None
         self._stop = threading.Event()
@@ -60,6 +63,7 @@ class Node:
         self.dispatcher.start()
         self.reports.start()
         self.exporter.start()
+        self.notifier.start()
         self._retention.start()
         if self.worker is not None:
             self.worker.start()
@@ -96,6 +100,7 @@ class Node:
         self.dispatcher.stop()
         self.reports.stop()
         self.exporter.stop()
+        self.notifier.stop()
         self.writer.stop()
         if self.settings.http.enabled:
             self.http.shutdown()

@@ -39,7 +39,10 @@ class Pages:
             job_rows=[(j.pipeline, j.version, j.state, j.attempts, ", ".join(f.text() for f in j.findings),
                        j.result_objects, short_time(j.result_at), j.reason) for j in detail.jobs],
             export_rows=[(e.destination, e.sop_uid, e.kind, e.state, e.attempts, e.last_status,
-                          short_time(retry_at(e)), short_time(e.sent_at)) for e in detail.exports])
+                          short_time(retry_at(e)), short_time(e.sent_at)) for e in detail.exports],
+            notification_rows=[(n.target, n.version, "yes" if n.urgent else "no", n.state, n.attempts, n.last_status,
+                                short_time(n.next_attempt_at if n.state == "pending" else None),
+                                short_time(n.sent_at)) for n in detail.notifications])
 
     def error(self, status: int, message: str) -> str:
         return self._env.get_template("error.html").render(title=str(status), status=status, message=message)

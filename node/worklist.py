@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from node.index import ExportRow, ExportState, StudyIndex, StudyState
+from node.index import ExportRow, ExportState, NotificationRow, StudyIndex, StudyState
 from node.messages import JobState
 
 DATE_BASIS = "received"
@@ -366,18 +366,28 @@ def export_json(row: ExportRow) -> dict[str, Any]:
             "updated_at": iso_time(row.updated_at)}
 
 
+def notification_json(row: NotificationRow) -> dict[str, Any]:
+    return {"target": row.target, "version": row.version, "urgent": row.urgent, "state": row.state,
+            "attempts": row.attempts, "last_status": row.last_status,
+            "next_attempt_at": iso_time(row.next_attempt_at) if row.state == "pending" else None,
+            "sent_at": iso_time(row.sent_at)}
+
+
 @dataclass(frozen=True)
 class StudyDetail:
-    """A study with all its series, the jobs of every version and each export object."""
+    """A study with all its series, the jobs of every version, each export object and each RIS
+    notification."""
 
     study: StudyEntry
     series: tuple[SeriesEntry, ...]
     jobs: tuple[PipelineResult, ...]
     exports: tuple[ExportRow, ...]
+    notifications: tuple[NotificationRow, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {**self.study.to_json(), "series": [s.to_json() for s in self.series],
-                "jobs": [j.to_json() for j in self.jobs], "export_objects": [export_json(e) for e in self.exports]}
+                "jobs": [j.to_json() for j in self.jobs], "export_objects": [export_json(e) for e in self.exports],
+                "notifications": [notification_json(n) for n in self.notifications]}
 
 
 JOB_COLUMNS = ("j.job_id, j.study_uid, j.pipeline, j.version, j.state, j.reason, j.attempts, j.results,"
@@ -459,6 +469,7 @@ class Worklist:
             series=tuple(SeriesEntry(**dict(s)) for s in series),
             jobs=jobs,
             exports=tuple(exports),
+            notifications=tuple(self._index.notifications_of(study_uid)),
         )
 
     def _entry(self, row: sqlite3.Row, jobs: list[PipelineResult],
