@@ -711,13 +711,16 @@ class StudyIndex:
                 return True
         return False
 
-    def _version_findings(self, conn: sqlite3.Connection, study_uid: str, version: int) -> dict[str, dict[str, object]]:
-        rows = conn.execute("SELECT pipeline, findings FROM jobs WHERE study_uid=? AND version=?", (study_uid, version))
-        return {row["pipeline"]: json.loads(row["findings"]) for row in rows}
+    @staticmethod
+    def _version_outcomes(conn: sqlite3.Connection, study_uid: str, version: int) -> list[PipelineOutcome]:
+        rows = conn.execute("SELECT pipeline, findings, results FROM jobs WHERE study_uid=? AND version=?"
+                            " ORDER BY pipeline", (study_uid, version))
+        return [PipelineOutcome(row["pipeline"], json.loads(row["findings"]), json.loads(row["results"]))
+                for row in rows]
 
     def _queue_notifications(self, conn: sqlite3.Connection, study_uid: str, version: int, now: float) -> None:
         """One pending notification per RIS target, in the transaction that finished the study."""
-        urgent = self.is_urgent(self._version_findings(conn, study_uid, version))
+        urgent = self.is_urgent({o.pipeline: o.findings for o in self._version_outcomes(conn, study_uid, version)})
         conn.executemany(
             "INSERT OR IGNORE INTO notifications(study_uid, version, target, urgent, state, next_attempt_at,"
             " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
@@ -753,10 +756,7 @@ class StudyIndex:
 
     def version_outcomes(self, study_uid: str, version: int) -> list[PipelineOutcome]:
         """What each pipeline reported for one version of a study: findings and result files."""
-        rows = self._read("SELECT pipeline, findings, results FROM jobs WHERE study_uid=? AND version=?"
-                          " ORDER BY pipeline", (study_uid, version))
-        return [PipelineOutcome(row["pipeline"], json.loads(row["findings"]), json.loads(row["results"]))
-                for row in rows]
+        return self._version_outcomes(self._connection(), study_uid, version)
 
     # --- listing and retention ----------------------------------------------------------
 

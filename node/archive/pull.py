@@ -112,8 +112,9 @@ class PullOptions:
         """The StudyDate matching key: ``since-until``, open on either side, or universal."""
         if self.since is None and self.until is None:
             return ""
-        return f"{self.since:%Y%m%d}-" if self.until is None else \
-            f"{'' if self.since is None else f'{self.since:%Y%m%d}'}-{self.until:%Y%m%d}"
+        start = "" if self.since is None else f"{self.since:%Y%m%d}"
+        end = "" if self.until is None else f"{self.until:%Y%m%d}"
+        return f"{start}-{end}"
 
 
 @dataclass
