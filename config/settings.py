@@ -367,6 +367,10 @@ class HttpSettings(Strict):
     audit_log: Path | None = Field(
         default=None, description="JSON lines of who viewed what; default <data_dir>/audit.log"
     )
+    show_patient_name: bool = Field(
+        default=False, description="the worklist shows patient names; needs auth token or basic (never logged)"
+    )
+    refresh_s: int = Field(default=30, ge=0, le=3600, description="the worklist page reloads itself; 0: never")
 
     @model_validator(mode="after")
     def _exposed_needs_auth(self) -> HttpSettings:
@@ -376,6 +380,9 @@ class HttpSettings(Strict):
             raise ValueError("http.auth: basic needs at least one entry in http.users")
         if self.auth == "basic" and any(":" in user or not user for user in self.users):
             raise ValueError("http.users: a user name must be non-empty and without ':'")
+        if self.show_patient_name and self.auth == "none":
+            raise ValueError("http.show_patient_name needs http.auth token or basic: names are shown only to"
+                             " authenticated, audited users")
         if self.enabled and self.auth == "none" and not is_loopback_host(self.host):
             raise ValueError(
                 f"http.host {self.host!r} is not loopback: set http.auth to token or basic"

@@ -133,10 +133,12 @@ def status(
                   "received", "result", "took", "reason")
     table.columns[0].overflow = "fold"  # a narrow terminal wraps a UID rather than truncating it
     for study in worklist.studies(query):
-        table.add_row(study.study_uid, str(study.version), study.state, str(study.image_count),
+        table.add_row(study.study_uid, str(study.version), f"URGENT {study.state}" if study.urgent else study.state,
+                      str(study.image_count),
                       f"{study.bytes / 1e6:.1f}", ", ".join(f"{p.pipeline}:{p.state}" for p in study.pipelines),
                       study.findings_text(), study.exports_text(), short_time(study.received_at),
-                      short_time(study.result_at), duration_text(study.processing_s), study.reason)
+                      short_time(study.result_at), duration_text(study.processing_s), study.reason,
+                      style="bold red" if study.urgent else None)
     console.print(table)
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import socket
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -27,25 +26,11 @@ from hl7apy.parser import parse_message
 
 from config.settings import Hl7Notification
 from node.index import PipelineOutcome
+from node.study_facts import StudyFacts
 
 START_BLOCK, END_BLOCK = b"\x0b", b"\x1c\x0d"
 ACCEPTED = ("AA", "CA")
 MAX_ACK_BYTES = 1 << 20
-
-
-@dataclass(frozen=True)
-class StudyFacts:
-    """What the ORU says of the study itself (read from its first instance: the index keeps no PHI)."""
-
-    study_uid: str
-    version: int
-    patient_id: str = ""
-    issuer: str = ""
-    patient_name: str = ""
-    birth_date: str = ""
-    sex: str = ""
-    accession: str = ""
-    description: str = ""
 
 
 class DeliveryFailed(Exception):

@@ -15,7 +15,9 @@ Endpoints (GET):
   /metrics                        Prometheus exposition
   /                               the worklist page (filter form: state, from, to, limit)
   /studies/<StudyInstanceUID>     one study's page
-  /api/studies?state=&from=&to=&limit=   the worklist as JSON (dates: received, local, inclusive)
+  /studies/<StudyInstanceUID>/key-images/<pipeline>/<n>.png   a finding's key image, rendered (PNG)
+  /api/studies?state=&from=&to=&limit=&sort=&order=   the worklist as JSON, urgent studies first
+                                  (dates: received, local, inclusive)
   /api/studies/<StudyInstanceUID> one study: series, jobs of every version, export objects
 """
 
@@ -42,6 +44,7 @@ from node.audit import AuditLog
 from node.auth import Authenticator
 from node.dicomweb import DicomWeb
 from node.index import StudyIndex
+from node.key_image import RenderError, render_key_image
 from node.metrics import NodeMetrics
 from node.scp import StorageSCP
 from node.store import StudyStore
@@ -50,10 +53,11 @@ from node.worklist import QueryError, StudyQuery, Worklist
 
 HEALTH_PATHS = frozenset({"/health", "/healthz"})
 UNAUDITED_PATHS = HEALTH_PATHS | {"/metrics"}
-# Nothing on the page loads anything, runs anything or may be framed; answers are never cached.
+# Nothing on the page runs anything, loads anything but our own key images, or may be framed;
+# answers are never cached.
 COMMON_HEADERS = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
-HTML_HEADERS = {"Content-Security-Policy":
-                "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"}
+HTML_HEADERS = {"Content-Security-Policy": "default-src 'none'; img-src 'self'; style-src 'unsafe-inline';"
+                " form-action 'self'; frame-ancestors 'none'"}
 START_TIMEOUT_S = 10.0
 
 
@@ -66,11 +70,12 @@ class Endpoints:
     """What each path answers, given an authorised request."""
 
     def __init__(self, metrics: NodeMetrics, worklist: Worklist, health: Callable[[], dict[str, object]],
-                 pages: Pages) -> None:
+                 pages: Pages, store: StudyStore) -> None:
         self._metrics = metrics
         self._worklist = worklist
         self._health = health
         self.pages = pages
+        self._store = store
 
     def html(self, status: int, page: str) -> HTMLResponse:
         return HTMLResponse(page, status, headers=HTML_HEADERS)
@@ -124,10 +129,24 @@ class Endpoints:
             return self.html(404, self.pages.error(404, f"study {study_uid} not found"))
         return self.html(200, self.pages.study(detail))
 
+    def key_image(self, request: Request) -> Response:
+        """A key image as PNG (a plain function: Starlette runs it off the event loop, as it decodes pixels)."""
+        params = request.path_params
+        source = self._worklist.key_image(params["study_uid"], params["pipeline"], params["number"])
+        if source is None:
+            return self.error(request.url.path, 404, "no such key image")
+        try:
+            png = render_key_image(self._store.resolve(source.path), source.frame, source.window,
+                                   [self._store.resolve(p) for p in source.seg_paths])
+        except RenderError as exc:
+            return self.error(request.url.path, 422, str(exc))
+        return Response(png, media_type="image/png")
+
     def routes(self) -> list[Route]:
         return [
             Route("/health", self.health), Route("/healthz", self.health), Route("/metrics", self.metrics),
             Route("/", self.page_list), Route("/index.html", self.page_list),
+            Route("/studies/{study_uid}/key-images/{pipeline}/{number:int}.png", self.key_image),
             Route("/studies/{study_uid:path}", self.page_study),
             Route("/api/studies", self.api_list), Route("/api/studies/{study_uid:path}", self.api_study),
         ]
@@ -170,8 +189,11 @@ class Guard(BaseHTTPMiddleware):
 
 
 def build_app(settings: Settings, metrics: NodeMetrics, health: Callable[[], dict[str, object]],
-              index: StudyIndex, dicomweb: DicomWeb) -> Starlette:
-    endpoints = Endpoints(metrics, Worklist(index), health, Pages())
+              index: StudyIndex, store: StudyStore, dicomweb: DicomWeb) -> Starlette:
+    # Patient names only behind authentication (the settings refuse them otherwise), so every view of
+    # one is in the audit log.
+    worklist = Worklist(index, store, show_patient_name=settings.http.show_patient_name and settings.http.auth != "none")
+    endpoints = Endpoints(metrics, worklist, health, Pages(settings.http.refresh_s), store)
 
     def not_found(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, HTTPException) else 404
@@ -228,7 +250,7 @@ class HttpServer:
 
 def start_http(settings: Settings, metrics: NodeMetrics, health: Callable[[], dict[str, object]],
                index: StudyIndex, scp: StorageSCP, store: StudyStore) -> HttpServer:
-    app = build_app(settings, metrics, health, index, DicomWeb(scp, store, index))
+    app = build_app(settings, metrics, health, index, store, DicomWeb(scp, store, index))
     server = HttpServer(app, settings.http.host, settings.http.port)
     server.start()
     return server

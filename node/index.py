@@ -133,6 +133,13 @@ CREATE TABLE IF NOT EXISTS mpps (
     updated_at REAL NOT NULL
 );
 """
+# Columns added after the first release: created on new indexes and added to older ones at start
+# (SQLite's ALTER TABLE ADD COLUMN is instant and keeps every row).
+ADDED_COLUMNS = (
+    ("studies", "urgent", "INTEGER NOT NULL DEFAULT 0"),  # a triage.urgent finding was called present
+    ("jobs", "model", "TEXT NOT NULL DEFAULT '{}'"),  # the reporting model's ModelSummary
+    ("jobs", "key_images", "TEXT NOT NULL DEFAULT '[]'"),  # its KeyImage list, for the worklist page
+)
 
 
 class StudyState(str, enum.Enum):
@@ -234,6 +241,7 @@ class StudyRow:
     last_instance_at: float
     completed_at: float | None
     updated_at: float
+    urgent: int = 0
 
 
 @dataclass(frozen=True)
@@ -325,7 +333,12 @@ class StudyIndex:
         self._urgent = tuple(urgent)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._connection().executescript(SCHEMA)
+        conn = self._connection()
+        conn.executescript(SCHEMA)
+        for table, column, definition in ADDED_COLUMNS:
+            present = {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
     def _connection(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -590,11 +603,13 @@ class StudyIndex:
             if row["state"] in terminal and report.state is JobState.PROCESSING:
                 return True  # a late "processing" from a redelivery must not undo an outcome
             conn.execute(
-                "UPDATE jobs SET state=?, reason=?, attempts=MAX(attempts, ?), results=?, findings=?,"
-                " updated_at=? WHERE job_id=?",
+                "UPDATE jobs SET state=?, reason=?, attempts=MAX(attempts, ?), results=?, findings=?, model=?,"
+                " key_images=?, updated_at=? WHERE job_id=?",
                 (report.state.value, report.reason, report.attempt,
                  json.dumps([r.model_dump(mode="json") for r in report.results]),
-                 json.dumps(report.model_dump(mode="json")["findings"]), now, report.job_id),
+                 json.dumps(report.model_dump(mode="json")["findings"]),
+                 json.dumps(report.model.model_dump(mode="json") if report.model is not None else {}),
+                 json.dumps([k.model_dump(mode="json") for k in report.key_images]), now, report.job_id),
             )
             conn.executemany(
                 "INSERT OR IGNORE INTO produced(sop_uid, job_id) VALUES (?,?)",
@@ -701,7 +716,8 @@ class StudyIndex:
             (new.value, "; ".join(reasons), now, study_uid),
         )
         if new is StudyState.DONE and study["state"] != StudyState.DONE.value:
-            self._queue_notifications(conn, study_uid, version, now)
+            urgent = self._queue_notifications(conn, study_uid, version, now)
+            conn.execute("UPDATE studies SET urgent=? WHERE study_uid=?", (int(urgent), study_uid))
 
     def is_urgent(self, findings_by_pipeline: Mapping[str, Mapping[str, object]]) -> bool:
         """Whether any model called one of the ``triage.urgent`` findings present."""
@@ -718,14 +734,16 @@ class StudyIndex:
         return [PipelineOutcome(row["pipeline"], json.loads(row["findings"]), json.loads(row["results"]))
                 for row in rows]
 
-    def _queue_notifications(self, conn: sqlite3.Connection, study_uid: str, version: int, now: float) -> None:
-        """One pending notification per RIS target, in the transaction that finished the study."""
+    def _queue_notifications(self, conn: sqlite3.Connection, study_uid: str, version: int, now: float) -> bool:
+        """One pending notification per RIS target, in the transaction that finished the study;
+        returns whether the version is urgent (``triage.urgent``), which the worklist sorts by."""
         urgent = self.is_urgent({o.pipeline: o.findings for o in self._version_outcomes(conn, study_uid, version)})
         conn.executemany(
             "INSERT OR IGNORE INTO notifications(study_uid, version, target, urgent, state, next_attempt_at,"
             " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
             [(study_uid, version, target, int(urgent), ExportState.PENDING.value, now, now, now)
              for target in self._notify])
+        return urgent
 
     # --- notification outbox ------------------------------------------------------------
 

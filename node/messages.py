@@ -89,6 +89,59 @@ class ReportedFinding(BaseModel):
         return self
 
 
+class DisplayWindow(BaseModel):
+    """A CT window in Hounsfield units, under its radiological name: how a key image is shown."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    centre: float
+    width: float = Field(gt=0)
+
+
+class KeyImage(BaseModel):
+    """An image a finding rests on (the radiograph, the slice that drives a CT score, a slice a
+    lesion touches), and how the model read it: the window of its first CT channel, or ``None``
+    for the robust-percentile mapping of every other image."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sop_uid: str
+    frame: int = Field(default=1, ge=1, description="1-based frame of a multi-frame image")
+    findings: list[str] = Field(default_factory=list, description="the findings it is evidence for")
+    window: DisplayWindow | None = None
+
+
+class OutputSummary(BaseModel):
+    """One model output's validation figures, as the model card has them."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    assessed: bool
+    threshold: float | None = None
+    validation_auc: float | None = None
+    positives: int | None = None
+    negatives: int | None = None
+    ece_before: float | None = None
+    ece_after: float | None = None
+
+
+class ModelSummary(BaseModel):
+    """What a reader of the result needs to know of the model that made it: which model, and how it
+    did on its validation data (the card's headline metric against its gate, per-output figures)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    version: str
+    metric: str = ""
+    value: float | None = None
+    gate: float | None = None
+    deployability: str = ""
+    outputs: list[OutputSummary] = Field(default_factory=list)
+
+
 class ReportMessage(BaseModel):
     """Sent by the workers to the node's report queue."""
 
@@ -101,3 +154,5 @@ class ReportMessage(BaseModel):
     worker: str = ""
     results: list[ResultFile] = Field(default_factory=list)
     findings: dict[str, ReportedFinding | float] = Field(default_factory=dict)
+    model: ModelSummary | None = Field(default=None, description="the model that made a DONE report's results")
+    key_images: list[KeyImage] = Field(default_factory=list, description="what the worklist page shows")

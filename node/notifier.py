@@ -15,20 +15,16 @@ import sqlite3
 import time
 from datetime import datetime
 
-import pydicom
 import structlog
-from pydicom.errors import InvalidDicomError
 
 from config.settings import Hl7Notification, Settings
 from node.exports import backoff_s
-from node.hl7 import DeliveryFailed, StudyFacts, build_oru, send_mllp
+from node.hl7 import DeliveryFailed, build_oru, send_mllp
 from node.index import NotificationRow, StudyIndex
 from node.metrics import NodeMetrics
 from node.service_thread import ServiceThread
 from node.store import StudyStore
-
-FACT_KEYWORDS = ("PatientID", "IssuerOfPatientID", "PatientName", "PatientBirthDate", "PatientSex",
-                 "AccessionNumber", "StudyDescription")
+from node.study_facts import read_study_facts
 
 
 class Notifier(ServiceThread):
@@ -57,17 +53,6 @@ class Notifier(ServiceThread):
             sent += self._notify(row)
         return sent
 
-    def facts(self, study_uid: str, version: int) -> StudyFacts:
-        """The study's identity as the ORU carries it, from its first stored instance."""
-        path = self._index.first_instance_path(study_uid)
-        if path is None:
-            return StudyFacts(study_uid, version)
-        try:
-            ds = pydicom.dcmread(self._store.resolve(path), stop_before_pixels=True, specific_tags=list(FACT_KEYWORDS))
-        except (OSError, InvalidDicomError, ValueError):
-            return StudyFacts(study_uid, version)
-        return StudyFacts(study_uid, version, *(str(ds.get(k, "") or "") for k in FACT_KEYWORDS))
-
     def _notify(self, row: NotificationRow) -> int:
         target = self._targets.get(row.target)
         now = time.time()
@@ -75,7 +60,7 @@ class Notifier(ServiceThread):
             self._index.record_notification(row, "target no longer configured", False, None, now)
             return 0
         try:
-            message = build_oru(self.facts(row.study_uid, row.version),
+            message = build_oru(read_study_facts(self._index, self._store, row.study_uid, row.version),
                                 self._index.version_outcomes(row.study_uid, row.version), row.urgent, target,
                                 datetime.now())
             code = send_mllp(message, target)

@@ -8,9 +8,15 @@ as whole days in the node's local time zone, both ends inclusive. The study date
 is shown but not filtered on: it is often empty or the modality's clock, while the receive
 date is what an operator reconciling "what came in today" needs, and it is never missing.
 
+Triage: studies where a model called a ``triage.urgent`` finding present come first, whatever
+the chosen sort, and are marked; the rest follow in the chosen order (newest received first by
+default). The flag is set when a study version finishes and kept while a newer version is
+processed: a bleed found stays on top until a newer result says otherwise.
+
 Reads use their own short-lived connection with ``PRAGMA query_only``, in one read transaction
-per call, so a listing is one consistent snapshot even while the node writes (WAL).
-Nothing here reads or shows patient identity: the index has none.
+per call, so a listing is one consistent snapshot even while the node writes (WAL). The index has
+no patient identity; where a store is given, the accession number (and, where allowed, the
+patient name) is read from each study's first instance for display only, never logged.
 """
 
 from __future__ import annotations
@@ -24,13 +30,21 @@ from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from typing import Any
 
+from pydantic import ValidationError
+
 from node.index import ExportRow, ExportState, NotificationRow, StudyIndex, StudyState
-from node.messages import JobState
+from node.messages import DisplayWindow, JobState, KeyImage, ModelSummary, OutputSummary, ResultKind
+from node.store import StudyStore
+from node.study_facts import read_study_facts
 
 DATE_BASIS = "received"
 DEFAULT_LIMIT = 200
 MAX_LIMIT = 1000
 TERMINAL_JOB_STATES = frozenset({JobState.DONE.value, JobState.FAILED.value, JobState.NOT_APPLICABLE.value})
+# What a worklist may be sorted by (the query's ``sort``), and the index column behind each.
+SORT_COLUMNS = {"received": "created_at", "state": "state", "study_date": "study_date",
+                "description": "study_description", "images": "image_count", "updated": "updated_at"}
+DEFAULT_SORT = "received"
 
 
 class QueryError(ValueError):
@@ -48,16 +62,19 @@ def _date(name: str, text: str | None) -> date | None:
 
 @dataclass(frozen=True)
 class StudyQuery:
-    """Which studies to list: state, received-date range (inclusive) and how many."""
+    """Which studies to list: state, received-date range (inclusive), how many, and in what order
+    after the urgent ones (``sort`` a key of :data:`SORT_COLUMNS`, descending unless ``ascending``)."""
 
     state: str | None = None
     date_from: date | None = None
     date_to: date | None = None
     limit: int = DEFAULT_LIMIT
+    sort: str = DEFAULT_SORT
+    ascending: bool = False
 
     @classmethod
     def parse(cls, state: str | None = None, date_from: str | None = None, date_to: str | None = None,
-              limit: str | int | None = None) -> StudyQuery:
+              limit: str | int | None = None, sort: str | None = None, order: str | None = None) -> StudyQuery:
         """Validate filters given as text (query string, command line); empty means unset."""
         states = [s.value for s in StudyState]
         if state and state not in states:
@@ -74,7 +91,11 @@ class StudyQuery:
                 raise QueryError(f"limit: expected a whole number, got {limit!r}") from exc
             if not 1 <= count <= MAX_LIMIT:
                 raise QueryError(f"limit: expected 1-{MAX_LIMIT}, got {count}")
-        return cls(state or None, start, end, count)
+        if sort and sort not in SORT_COLUMNS:
+            raise QueryError(f"sort: expected one of {', '.join(SORT_COLUMNS)}, got {sort!r}")
+        if order and order not in ("asc", "desc"):
+            raise QueryError(f"order: expected asc or desc, got {order!r}")
+        return cls(state or None, start, end, count, sort or DEFAULT_SORT, order == "asc")
 
     @classmethod
     def from_params(cls, params: Mapping[str, Sequence[str]]) -> StudyQuery:
@@ -83,12 +104,21 @@ class StudyQuery:
             values = params.get(name)
             return values[0].strip() if values else None
 
-        return cls.parse(first("state"), first("from"), first("to"), first("limit"))
+        return cls.parse(first("state"), first("from"), first("to"), first("limit"), first("sort"), first("order"))
 
     def to_json(self) -> dict[str, Any]:
         return {"state": self.state, "from": self.date_from.isoformat() if self.date_from else None,
                 "to": self.date_to.isoformat() if self.date_to else None, "limit": self.limit,
+                "sort": self.sort, "order": "asc" if self.ascending else "desc", "urgent_first": True,
                 "date_basis": DATE_BASIS}
+
+    def params(self, **changes: object) -> dict[str, str]:
+        """This query as query-string parameters (unset ones left out), with ``changes`` applied:
+        what the page's sort links and refresh keep."""
+        values: dict[str, object] = {"state": self.state, "from": self.date_from, "to": self.date_to,
+                                     "limit": self.limit, "sort": self.sort,
+                                     "order": "asc" if self.ascending else "desc"} | changes
+        return {key: str(value) for key, value in values.items() if value not in (None, "")}
 
 
 def iso_time(ts: float | None) -> str | None:
@@ -162,7 +192,8 @@ class Finding:
         return out
 
 
-def _number(value: object) -> float | None:
+def as_number(value: object) -> float | None:
+    """A JSON number as float; None for anything else (booleans included)."""
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
@@ -185,9 +216,9 @@ def parse_findings(raw: str) -> tuple[Finding, ...]:
             present = value.get("present")
             reason = value.get("reason")
             findings.append(Finding(
-                name, _number(value.get("probability")), present if isinstance(present, bool) else None,
+                name, as_number(value.get("probability")), present if isinstance(present, bool) else None,
                 lesions if isinstance(lesions, int) and not isinstance(lesions, bool) else None,
-                _number(value.get("volume_mm3")), _number(value.get("threshold")),
+                as_number(value.get("volume_mm3")), as_number(value.get("threshold")),
                 (reason if isinstance(reason, str) else "") if value.get("assessed") is False else None,
             ))
     return tuple(findings)
@@ -208,6 +239,9 @@ class PipelineResult:
     created_at: float
     published_at: float | None
     result_at: float | None  # when its outcome was reported; None while it is not finished
+    model: ModelSummary | None = None
+    key_images: tuple[KeyImage, ...] = ()
+    seg_paths: tuple[str, ...] = ()  # its SEG results, relative to the store: outlines on the key images
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> PipelineResult:
@@ -215,13 +249,27 @@ class PipelineResult:
             results = json.loads(row["results"] or "[]")
         except json.JSONDecodeError:
             results = []
+        if not isinstance(results, list):
+            results = []
+        try:  # written by this node from validated reports; an unknown shape shows nothing
+            model = ModelSummary.model_validate_json(row["model"]) if row["model"] not in ("", "{}") else None
+            key_images = tuple(KeyImage.model_validate(k) for k in json.loads(row["key_images"] or "[]"))
+        except (ValidationError, json.JSONDecodeError, TypeError):
+            model, key_images = None, ()
         return cls(
             job_id=row["job_id"], pipeline=row["pipeline"], version=int(row["version"]), state=row["state"],
             reason=row["reason"], attempts=int(row["attempts"]), findings=parse_findings(row["findings"]),
-            result_objects=len(results) if isinstance(results, list) else 0, created_at=float(row["created_at"]),
+            result_objects=len(results), created_at=float(row["created_at"]),
             published_at=row["published_at"],
             result_at=float(row["updated_at"]) if row["state"] in TERMINAL_JOB_STATES else None,
+            model=model, key_images=key_images,
+            seg_paths=tuple(str(r["path"]) for r in results
+                            if isinstance(r, dict) and r.get("kind") == ResultKind.SEG.value and "path" in r),
         )
+
+    def output(self, name: str) -> OutputSummary | None:
+        """The model card's validation figures of one finding, where the report carried them."""
+        return next((o for o in self.model.outputs if o.name == name), None) if self.model is not None else None
 
     def findings_text(self) -> str:
         """Compact, for a table cell: ``pipeline: name 0.91 PRESENT, ...``."""
@@ -235,6 +283,8 @@ class PipelineResult:
             "reason": self.reason, "attempts": self.attempts, "findings": [f.to_json() for f in self.findings],
             "result_objects": self.result_objects, "created_at": iso_time(self.created_at),
             "published_at": iso_time(self.published_at), "result_at": iso_time(self.result_at),
+            "model": self.model.model_dump(mode="json") if self.model is not None else None,
+            "key_images": [k.model_dump(mode="json") for k in self.key_images],
         }
 
 
@@ -308,6 +358,19 @@ class StudyEntry:
     completed_at: float | None  # when the node closed the study version and dispatched it
     pipelines: tuple[PipelineResult, ...]
     exports: tuple[ExportSummary, ...]
+    urgent: bool = False
+    accession: str = ""
+    patient_name: str | None = None  # None: not shown (no authentication, or the settings say no)
+    notifications: tuple[NotificationRow, ...] = ()  # of the current version, to the RIS
+
+    def notifications_text(self) -> str:
+        """``ris: sent`` or ``ris: pending (NAK AE, retry 12:01)``."""
+        parts = []
+        for n in self.notifications:
+            retry = f"retry {short_time(n.next_attempt_at)}" if n.state == "pending" and n.attempts else ""
+            details = ", ".join(d for d in (n.last_status if n.state != "sent" else "", retry) if d)
+            parts.append(f"{n.target}: {n.state}" + (f" ({details})" if details else ""))
+        return "; ".join(parts)
 
     @property
     def result_at(self) -> float | None:
@@ -332,6 +395,8 @@ class StudyEntry:
     def to_json(self) -> dict[str, Any]:
         return {
             "study_uid": self.study_uid, "version": self.version, "state": self.state, "reason": self.reason,
+            "urgent": self.urgent, "accession_number": self.accession,
+            **({"patient_name": self.patient_name} if self.patient_name is not None else {}),
             "study_date": self.study_date, "study_description": self.study_description,
             "image_count": self.image_count, "bytes": self.bytes,
             "received_at": iso_time(self.received_at), "last_instance_at": iso_time(self.last_instance_at),
@@ -339,6 +404,7 @@ class StudyEntry:
             "processing_s": None if self.processing_s is None else round(self.processing_s, 3),
             "pipelines": [p.to_json() for p in self.pipelines],
             "exports": [e.to_json() for e in self.exports],
+            "notifications": [notification_json(n) for n in self.notifications],
         }
 
 
@@ -391,7 +457,17 @@ class StudyDetail:
 
 
 JOB_COLUMNS = ("j.job_id, j.study_uid, j.pipeline, j.version, j.state, j.reason, j.attempts, j.results,"
-               " j.findings, j.created_at, j.published_at, j.updated_at")
+               " j.findings, j.model, j.key_images, j.created_at, j.published_at, j.updated_at")
+
+
+@dataclass(frozen=True)
+class KeyImageSource:
+    """What the renderer needs for one key image: the stored file, the frame, the window, the SEGs."""
+
+    path: str  # relative to the store
+    frame: int
+    window: DisplayWindow | None
+    seg_paths: tuple[str, ...]
 
 
 @contextmanager
@@ -409,10 +485,16 @@ def snapshot(index: StudyIndex) -> Iterator[sqlite3.Connection]:
 
 
 class Worklist:
-    """Read-only queries over a node's index, shared by the API, the web page and the CLI."""
+    """Read-only queries over a node's index, shared by the API, the web page and the CLI.
 
-    def __init__(self, index: StudyIndex) -> None:
+    With a ``store``, entries carry the accession number from each study's first instance, and the
+    patient name where ``show_patient_name`` (the HTTP server passes it only behind authentication).
+    """
+
+    def __init__(self, index: StudyIndex, store: StudyStore | None = None, show_patient_name: bool = False) -> None:
         self._index = index
+        self._store = store
+        self._show_patient_name = show_patient_name
 
     def counts_by_state(self) -> dict[str, int]:
         return self._index.counts_by_state()
@@ -434,8 +516,10 @@ class Worklist:
             where.append("created_at<?")
             params.append(datetime.combine(query.date_to + timedelta(days=1), datetime.min.time()).timestamp())
         sql = "SELECT * FROM studies" + (" WHERE " + " AND ".join(where) if where else "")
+        direction = "ASC" if query.ascending else "DESC"
+        order = f" ORDER BY urgent DESC, {SORT_COLUMNS[query.sort]} {direction}, created_at DESC, study_uid LIMIT ?"
         with snapshot(self._index) as conn:
-            studies = conn.execute(sql + " ORDER BY created_at DESC LIMIT ?", (*params, query.limit)).fetchall()
+            studies = conn.execute(sql + order, (*params, query.limit)).fetchall()
             uids = [row["study_uid"] for row in studies]
             jobs: dict[str, list[PipelineResult]] = {}
             if uids:
@@ -472,14 +556,39 @@ class Worklist:
             notifications=tuple(self._index.notifications_of(study_uid)),
         )
 
+    def key_image(self, study_uid: str, pipeline: str, number: int) -> KeyImageSource | None:
+        """Key image ``number`` (0-based) that ``pipeline`` reported for the study's current version;
+        None where there is no such image (or its instance is no longer stored)."""
+        detail = self.study(study_uid)
+        if detail is None:
+            return None
+        job = next((p for p in detail.study.pipelines if p.pipeline == pipeline), None)
+        if job is None or not 0 <= number < len(job.key_images):
+            return None
+        key = job.key_images[number]
+        with snapshot(self._index) as conn:
+            row = conn.execute("SELECT path FROM instances WHERE sop_uid=? AND study_uid=?",
+                               (key.sop_uid, study_uid)).fetchone()
+        if row is None:
+            return None
+        return KeyImageSource(str(row["path"]), key.frame, key.window, job.seg_paths)
+
     def _entry(self, row: sqlite3.Row, jobs: list[PipelineResult],
                exports: Sequence[ExportRow] | None = None) -> StudyEntry:
         if exports is None:
             exports = self._index.exports_of(row["study_uid"])
+        accession, name = "", None
+        if self._store is not None:
+            facts = read_study_facts(self._index, self._store, row["study_uid"], int(row["version"]))
+            accession = facts.accession
+            name = facts.patient_name if self._show_patient_name else None
         return StudyEntry(
             study_uid=row["study_uid"], version=int(row["version"]), state=row["state"], reason=row["reason"],
             study_date=row["study_date"], study_description=row["study_description"],
             image_count=int(row["image_count"]), bytes=int(row["bytes"]), received_at=float(row["created_at"]),
             last_instance_at=float(row["last_instance_at"]), completed_at=row["completed_at"],
-            pipelines=tuple(jobs), exports=summarise_exports(exports),
+            pipelines=tuple(jobs), exports=summarise_exports(exports), urgent=bool(row["urgent"]),
+            accession=accession, patient_name=name,
+            notifications=tuple(n for n in self._index.notifications_of(row["study_uid"])
+                                if n.version == row["version"]),
         )

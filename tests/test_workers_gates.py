@@ -118,6 +118,20 @@ def test_a_deployable_model_reports_calibrated_probabilities_and_no_call_below_t
     assert groups["nodule"].get_qualitative_evaluations() == []
     assert len(groups["any"].get_qualitative_evaluations()) == 1
 
+    # The card's figures travel with the report for the study page, and the radiograph is the key image
+    # of every finding, in the percentile mapping (no CT window).
+    assert report.model is not None
+    assert (report.model.name, report.model.version, report.model.metric, report.model.value, report.model.gate) == (
+        TASK, "1", card.validation["metric"], 0.85, 0.70)
+    summaries = {o.name: o for o in report.model.outputs}
+    assert (summaries["any"].threshold, summaries["any"].ece_before, summaries["any"].ece_after) == (0.3, 0.2, 0.05)
+    assert (summaries["nodule"].assessed, summaries["nodule"].threshold, summaries["nodule"].validation_auc) == (
+        False, None, 0.61)
+    (key,) = report.key_images
+    (image,) = job.series[0].instances
+    assert (key.sop_uid, key.frame, key.window) == (Path(image).stem, 1, None)
+    assert key.findings == [f.name for f in card.outputs]
+
     # How the node shows it (worklist, status, demo): the call with its threshold, or why there is none.
     shown = {f.name: f.text() for f in parse_findings(json.dumps(report.model_dump(mode="json")["findings"]))}
     call = "PRESENT" if called.present else "ABSENT"

@@ -112,6 +112,12 @@ def test_each_family_flows_to_valid_results_at_the_destination(start_node, clean
     (findings,) = rows(node.settings.node.index_path, "SELECT findings FROM jobs WHERE pipeline='mr-metastasis'")
     metastasis = json.loads(findings["findings"])["metastasis"]
     assert isinstance(metastasis["lesions"], int) and metastasis["present"] == (metastasis["lesions"] > 0)
+    # What the study page shows: the model's card figures and a key image per job, CT in its first window.
+    for job in rows(node.settings.node.index_path, "SELECT pipeline, model, key_images FROM jobs"):
+        model, keys = json.loads(job["model"]), json.loads(job["key_images"])
+        assert model["name"] == job["pipeline"] and model["outputs"], job["pipeline"]
+        assert len(keys) >= 1 and all(k["findings"] for k in keys), job["pipeline"]
+        assert all((k["window"] is not None) == (job["pipeline"] == "ct-hemorrhage") for k in keys)
 
 
 def test_worker_killed_mid_task_still_delivers_one_identical_result_set(

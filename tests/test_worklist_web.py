@@ -9,19 +9,14 @@ is retried), a head CT still processing, and a spine radiograph no rule matched,
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import shutil
 import sqlite3
-import subprocess
 import threading
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
-from email.message import Message
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +25,7 @@ import pytest
 from conftest import free_port, make_settings, wait_until
 from lifecycle_support import cli_env, run_cli, state_of
 from pydantic import ValidationError
+from web_support import basic, dump_dom, get, get_json
 
 from config.settings import Destination, load_settings
 from node.audit import AuditLog
@@ -53,25 +49,6 @@ class Scenario:
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.node.http_port}{path}"
-
-
-def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, Message, bytes]:
-    """A GET that returns error answers instead of raising them; header names match in any case."""
-    request = urllib.request.Request(url, headers=headers or {})
-    try:
-        with urllib.request.urlopen(request, timeout=10) as answer:
-            return answer.status, answer.headers, answer.read()
-    except urllib.error.HTTPError as error:
-        return error.code, error.headers, error.read()
-
-
-def get_json(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    status, _, body = get(url, headers)
-    return status, json.loads(body)
-
-
-def basic(user: str, password: str) -> dict[str, str]:
-    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
 
 
 @pytest.fixture(scope="module")
@@ -199,28 +176,16 @@ def test_api_study_detail_and_unknown_study(scenario: Scenario) -> None:
     assert get(scenario.url("/studies/1.2.3"))[0] == 404 and get(scenario.url("/api/nothing"))[0] == 404
 
 
-def _dump_dom(url: str, profile: Path) -> str:
-    chromium = shutil.which("chromium")
-    assert chromium is not None
-    result = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
-         f"--user-data-dir={profile}", "--dump-dom", url],
-        capture_output=True, text=True, timeout=60, check=False,
-    )
-    assert result.returncode == 0, result.stderr[-2000:]
-    return result.stdout
-
-
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (.ci/install installs it)")
 def test_the_page_in_headless_chromium_lists_studies_and_filters(scenario: Scenario, tmp_path: Path) -> None:
-    dom = _dump_dom(scenario.url("/"), tmp_path / "profile")
+    dom = dump_dom(scenario.url("/"), tmp_path / "profile")
     rows = dict(re.findall(r'<tr data-study-uid="([0-9.]+)" data-state="([a-z_]+)"', dom))
     assert rows == {scenario.chest: "done", scenario.head: "processing", scenario.spine: "unmatched"}
-    assert "cxr-abnormality: abnormal 0.91" in dom
+    assert '<span class="muted">cxr-abnormality:</span> <span class="call na">abnormal 0.91</span>' in dom
     assert "pacs: 1/1 sent" in dom and "down: pending (" in dom
     assert '<form method="get" action="/">' in dom and "PHANTOM" not in dom
 
-    filtered = _dump_dom(scenario.url(f"/?state=unmatched&from={EARLIER_DAY}&to={EARLIER_DAY}"),
+    filtered = dump_dom(scenario.url(f"/?state=unmatched&from={EARLIER_DAY}&to={EARLIER_DAY}"),
                          tmp_path / "profile")
     assert dict(re.findall(r'<tr data-study-uid="([0-9.]+)" data-state="([a-z_]+)"', filtered)) == {
         scenario.spine: "unmatched"}

@@ -128,6 +128,11 @@ def _evidence(slices: tuple[SliceInput, ...], scores: np.ndarray, threshold: flo
     return _distinct(slices[i].header for i in above)
 
 
+def _key_slice(selected: SelectedSeries, index: int) -> tuple[str, int]:
+    item = selected.slices[index]
+    return item.sop_uid, item.frame + 1
+
+
 def _distinct(headers: Iterator[Dataset] | list[Dataset]) -> tuple[Dataset, ...]:
     seen: dict[str, Dataset] = {}
     for ds in headers:
@@ -150,7 +155,8 @@ def _classification(model: LoadedModel, selected: SelectedSeries, probs: torch.T
             name=output.name, concept=output.concept, probability=score, threshold=threshold,
             present=None if threshold is None else score >= threshold,
             evidence=_evidence(selected.slices, calibrated, threshold),
-            not_assessed_reason=output.not_assessed_reason))
+            not_assessed_reason=output.not_assessed_reason,
+            key_slice=_key_slice(selected, int(np.argmax(calibrated)))))
     return tuple(findings), findings[0].evidence
 
 
@@ -173,8 +179,10 @@ def _segmentation(model: LoadedModel, selected: SelectedSeries, probs: torch.Ten
     per_slice = grid.reshape(len(grid), -1).max(axis=1)
     evidence = (_distinct([selected.slices[i].header for i in touched]) if touched
                 else _evidence(selected.slices, per_slice, threshold))
+    area = (labels > 0).reshape(len(labels), -1).sum(axis=1)
     finding = FindingOutcome(name=output.name, concept=output.concept, probability=float(grid.max()),
-                             threshold=threshold, present=bool(lesions), evidence=evidence)
+                             threshold=threshold, present=bool(lesions), evidence=evidence,
+                             key_slice=_key_slice(selected, int(np.argmax(area if lesions else per_slice))))
     segmentation = _on_source_frames(selected, grid, labels, lesions, threshold)
     return (finding,), evidence, segmentation
 

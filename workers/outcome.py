@@ -25,6 +25,8 @@ class FindingOutcome:
     the study score (highest slice probabilities), the MR slices a lesion touches. A finding the
     card does not assess has no call: ``present`` and ``threshold`` are ``None`` and
     ``not_assessed_reason`` says why; the result objects then show the probability alone.
+    ``key_slice`` is the one image (and frame) the worklist page shows for it: the highest-scoring
+    slice, or the slice where the segmented lesions are largest.
     """
 
     name: str
@@ -34,6 +36,7 @@ class FindingOutcome:
     present: bool | None
     evidence: tuple[Dataset, ...]
     not_assessed_reason: str = ""
+    key_slice: tuple[str, int] | None = None  # (SOP Instance UID, 1-based frame) of the slice that drives it
 
     @property
     def call(self) -> str:

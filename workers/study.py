@@ -25,6 +25,7 @@ from node.messages import DispatchMessage, JobState, ReportedFinding, ReportMess
 from node.store import InstanceKey, StoreOutcome, StudyStore
 from pretrain.runtime import pick_device
 from workers.inference import LoadedModel, ModelCache, Unreadable, run_model
+from workers.report_details import key_images, model_summary
 from workers.results import ResultContext, build_results
 from workers.results.build import run_uids
 from workers.series import NotApplicable, select_series
@@ -97,7 +98,8 @@ class StudyProcessor:
                                     volume_mm3=None if lesions is None else round(sum(x.volume_mm3 for x in lesions), 1))
             for f in outcome.findings}
         return ReportMessage(job_id=job.job_id, state=JobState.DONE, results=written, findings=findings,
-                             reason=f"{model.card.name}@{model.card.version}")
+                             reason=f"{model.card.name}@{model.card.version}", model=model_summary(model.card),
+                             key_images=key_images(outcome))
 
     def _write(self, job: DispatchMessage, objects: dict[ResultKind, Dataset]) -> list[ResultFile]:
         """Store each object durably (SR last); an object already stored by an earlier run is kept."""
