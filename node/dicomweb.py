@@ -19,6 +19,7 @@ The same authentication and audit log as every other path apply (``node.http.Gua
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
 import secrets
@@ -31,6 +32,7 @@ from typing import Any
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -227,7 +229,11 @@ class DicomWeb:
             return JSONResponse({"error": str(exc)}, 415 if "multipart/related" in str(exc) else 400)
         study = request.path_params.get("study")
         peer = f"stow-rs {request.client.host if request.client else ''}"
-        results = [self._store_part(headers, content, study, peer) for headers, content in parts]
+        # Off the event loop (each part waits for its fsync and index commit), and the parts side by
+        # side, so that they share folder fsyncs and SQLite commits (the SCP's group commit) as
+        # concurrent associations do; answers stay in part order.
+        results = await asyncio.gather(*(run_in_threadpool(self._store_part, headers, content, study, peer)
+                                         for headers, content in parts))
         stored = [r for r in results if r.failure is None]
         failed = [r for r in results if r.failure is not None]
         response = Dataset()
