@@ -85,22 +85,24 @@ def test_stow_rs_by_dicomweb_client_then_qido_and_wado_find_and_return_it(node: 
     # As read from files (PS3.10, with the preamble): what dicomweb-client then writes as each part.
     head = [pydicom.dcmread(io.BytesIO(_part10(ds))) for ds in f.ct_head(2)]
     sr = pydicom.dcmread(io.BytesIO(_part10(f.sr_result(str(head[0].StudyInstanceUID)))))
+    seg = pydicom.dcmread(io.BytesIO(_part10(f.seg_result(str(head[0].StudyInstanceUID)))))
     client = _client(node)
-    client.store_instances(head + [sr])
+    client.store_instances(head + [sr, seg])
     study_uid = str(head[0].StudyInstanceUID)
     studies = client.search_for_studies(search_filters={"StudyInstanceUID": study_uid})
     assert len(studies) == 1 and studies[0]["0020000D"]["Value"] == [study_uid]
-    assert studies[0]["00201208"]["Value"] == [3]  # instances in the study
+    assert studies[0]["00201208"]["Value"] == [4]  # instances in the study
     series = client.search_for_series(study_uid)
-    assert {s["00080060"]["Value"][0] for s in series} == {"CT", "SR"}
-    found = client.search_for_instances(study_uid, search_filters={"SOPClassUID": str(sr.SOPClassUID)})
-    assert [i["00080018"]["Value"][0] for i in found] == [sr.SOPInstanceUID]
-    returned = client.retrieve_instance(study_uid, str(sr.SeriesInstanceUID), str(sr.SOPInstanceUID))
-    assert returned.SOPInstanceUID == sr.SOPInstanceUID and _part10(returned) == _part10(sr)
+    assert {s["00080060"]["Value"][0] for s in series} == {"CT", "SR", "SEG"}
+    for result in (sr, seg):
+        found = client.search_for_instances(study_uid, search_filters={"SOPClassUID": str(result.SOPClassUID)})
+        assert [i["00080018"]["Value"][0] for i in found] == [result.SOPInstanceUID]
+        returned = client.retrieve_instance(study_uid, str(result.SeriesInstanceUID), str(result.SOPInstanceUID))
+        assert returned.SOPInstanceUID == result.SOPInstanceUID and _part10(returned) == _part10(result)
     whole = client.retrieve_study(study_uid)
-    assert sorted(ds.SOPInstanceUID for ds in whole) == sorted(str(ds.SOPInstanceUID) for ds in head + [sr])
+    assert sorted(ds.SOPInstanceUID for ds in whole) == sorted(str(ds.SOPInstanceUID) for ds in [*head, sr, seg])
     metadata = client.retrieve_study_metadata(study_uid)
-    assert len(metadata) == 3 and all("7FE00010" not in item for item in metadata)
+    assert len(metadata) == 4 and all("7FE00010" not in item for item in metadata)
     assert client.search_for_studies(search_filters={"StudyDate": "19000101-19000102"}) == []
     assert len(client.search_for_studies(search_filters={"ModalitiesInStudy": "CT"})) == 1
     assert client.search_for_studies(limit=1, offset=1) == []
