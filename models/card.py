@@ -85,6 +85,7 @@ class ModelCard(BaseModel):
     description: str
     applies_to: AppliesTo
     encoder: EncoderSpec
+    head_stride: int = Field(32, description="The encoder feature-map stride the head reads (models.networks)")
     input: InputSpec
     input_channels: list[str] = Field(default_factory=list, description="What each input channel is, in order")
     outputs: list[OutputSpec]

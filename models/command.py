@@ -65,6 +65,8 @@ def finetune(
     windows: Annotated[str | None, typer.Option(help="CT windows as channels, e.g. brain,subdural,bone (default: the task's).")] = None,
     neighbours: Annotated[int | None, typer.Option(min=0, max=4, help="2.5D: slices on each side as extra channels (default: the task's).")] = None,
     arch: Annotated[str, typer.Option(help="resnet18, resnet50 or densenet121 (must match --init's encoder).")] = "resnet18",
+    head_stride: Annotated[int | None, typer.Option(
+        help="Feature-map stride a classifier's head reads: 32, 16, 8 or 4 (default: the recipe's).")] = None,
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     seed: Annotated[int, typer.Option()] = 0,
     min_cases_for_threshold: Annotated[int, typer.Option(
@@ -94,7 +96,7 @@ def finetune(
         settings = FinetuneConfig(regime=regime, steps=steps, arch=arch, device=device, seed=seed,
                                   input=_input_override(spec.input, size, windows, neighbours),
                                   min_cases_for_threshold=min_cases_for_threshold, finding_auc_gate=finding_auc_gate,
-                                  dice_gate=dice_gate)
+                                  dice_gate=dice_gate, **({} if head_stride is None else {"head_stride": head_stride}))
         model_name = name or task
         version = next_version(root, model_name)
         target = out or Path("runs/finetune") / f"{model_name}-{version}"

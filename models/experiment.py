@@ -733,7 +733,7 @@ def _reuse_calibration(run: _Run, bundle: TaskBundle, task: str, candidate: str,
     record = _read_json(record_path)
     if record["config"] != config.model_dump(mode="json"):
         return None
-    network = build_network(bundle.spec, Encoder(config.encoder_spec(bundle.spec)))
+    network = build_network(bundle.spec, Encoder(config.encoder_spec(bundle.spec)), config)
     network.load_state_dict(load_file(str(weights)))
     saved = record["result"]
     return FinetuneResult(network.eval(), float(saved["best_metric"]), int(saved["best_step"]), int(saved["steps_run"]),

@@ -32,7 +32,7 @@ from models.calibration import fit_platt
 from models.card import AppliesTo, ModelCard, OutputSpec, new_device_uid, write_card
 from models.dataset import StudyItem, read_seg_masks
 from models.metrics import dice, roc_auc, youden_threshold
-from models.networks import Classifier, UNet
+from models.networks import task_network
 from models.preprocess import InputSpec, mask_input, neighbour_picks
 from models.tasks import CodedConcept, TaskSpec
 from pretrain.augment import AugmentConfig, CropSpec, MultiCrop, eval_view, perturb
@@ -53,6 +53,9 @@ class FinetuneConfig(BaseModel):
 
     regime: Literal["supervised", "hybrid"] = "supervised"
     arch: Literal["resnet18", "resnet50", "densenet121"] = "resnet18"
+    head_stride: Literal[32, 16, 8, 4] = Field(
+        32, description="The feature-map stride a classifier's head reads (models.networks): 32 the pooled "
+                        "last stage, finer ones through the U-Net's expanding path")
     input: InputSpec | None = Field(None, description="The network input; None: the task's declared input")
     steps: int = Field(300, ge=1)
     batch_size: int = Field(16, ge=2)
@@ -160,10 +163,9 @@ def batch_inputs(data: TaskData, indices: Sequence[int], spec: InputSpec) -> tor
     return torch.stack([one(i) for i in indices])
 
 
-def build_network(task: TaskSpec, encoder: Encoder) -> nn.Module:
-    if task.kind == "segmentation":
-        return UNet(encoder, out_channels=1)
-    return Classifier(encoder, len(task.outputs))
+def build_network(task: TaskSpec, encoder: Encoder, config: FinetuneConfig) -> nn.Module:
+    return task_network(task.kind, encoder, 1 if task.kind == "segmentation" else len(task.outputs),
+                        config.head_stride)
 
 
 @torch.no_grad()
@@ -261,7 +263,7 @@ def finetune(
     device = torch.device(config.device)
     spec = config.input_for(task)
     encoder = encoder or Encoder(config.encoder_spec(task))
-    network = build_network(task, encoder).to(device)
+    network = build_network(task, encoder, config).to(device)
     head = (SwAVHead(encoder.feature_dim, 512, 64, config.hybrid_prototypes).to(device)
             if config.regime == "hybrid" else None)
     swav = SwAVLoss()
@@ -454,7 +456,8 @@ def save_model(out: Path, task: TaskSpec, result: FinetuneResult, config: Finetu
         name=name, version=version, task=task.name, kind=task.kind, description=task.description,
         applies_to=AppliesTo(modalities=task.modalities, body_parts=task.body_parts,
                              min_slices=8 if task.kind != "classification" else 1),
-        encoder=encoder_spec, input=config.input_for(task),
+        encoder=encoder_spec, head_stride=config.head_stride if task.kind != "segmentation" else 4,
+        input=config.input_for(task),
         input_channels=config.input_for(task).describe(ct="CT" in task.modalities),
         outputs=result.outputs, deployable=deployable, deployability=why,
         validation={"metric": headline_metric(task), "value": result.best_metric,

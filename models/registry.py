@@ -17,7 +17,7 @@ from torch import nn
 
 from config.registry_layout import WEIGHTS, installed_versions
 from models.card import ModelCard, read_card
-from models.networks import Classifier, UNet
+from models.networks import task_network
 from pretrain.backbones import Encoder
 from pretrain.export import sha256_of
 
@@ -87,10 +87,7 @@ def next_version(root: Path, name: str) -> str:
 
 def build_network(card: ModelCard) -> nn.Module:
     """The untrained network a card describes (weights are loaded by :func:`load_model`)."""
-    encoder = Encoder(card.encoder)
-    if card.kind == "segmentation":
-        return UNet(encoder, out_channels=len(card.outputs))
-    return Classifier(encoder, len(card.outputs))
+    return task_network(card.kind, Encoder(card.encoder), len(card.outputs), card.head_stride)
 
 
 def load_model(folder: Path) -> tuple[nn.Module, ModelCard]:

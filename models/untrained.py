@@ -29,7 +29,7 @@ def install_untrained_models(models_dir: Path, tasks: tuple[str, ...] | None = N
         # Gates off: untrained models exist to exercise the serving path, every finding gets a call.
         config = FinetuneConfig(input=spec.input.model_copy(update={"size": size}), finding_auc_gate=0, dice_gate=0)
         torch.manual_seed(0)
-        network = build_network(spec, Encoder(config.encoder_spec(spec)))
+        network = build_network(spec, Encoder(config.encoder_spec(spec)), config)
         threshold = seg_threshold if spec.kind == "segmentation" else 0.5
         outputs = [OutputSpec(name=f.name, concept=f.concept, threshold=threshold,
                               threshold_rule=f"fixed {threshold:g} (untrained test model)", assessed=True)

@@ -19,6 +19,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from scipy.stats import t as student_t
 from typer.testing import CliRunner
 
 from models.experiment import (
@@ -33,8 +34,8 @@ from models.experiment import (
     search_stops,
 )
 from models.experiment_command import app
-from models.experiment_report import steps_to_target, summarise, tally, write_experiment_report
-from models.metrics import roc_auc
+from models.experiment_report import seeds_needed, steps_to_target, summarise, tally, write_experiment_report
+from models.metrics import mean_ci, roc_auc
 from node.synth import generate
 
 # The tiny run trains ~20 small models end to end (about a minute on 2 idle cores, minutes on a busy
@@ -201,14 +202,39 @@ def test_report_says_plainly_when_pretraining_does_not_help(tmp_path: Path) -> N
         "candidate": "easy", "value": 0.8, "metric": "auc", "band": [0.75, 0.9], "in_band": True, "note": "n",
         "difficulty": {}, "evaluated": [{"candidate": "easy", "value": 0.8}]}}}
     disjoint = {"archive_studies": 1, "archive_patients": 1, "shared_patients": 0, "method": "m"}
+    probe = {"method": "m", "tasks": {"cxr-abnormality": {"random init": {"auc": 0.80}, "pretrained": {"auc": 0.81}}}}
+    (tmp_path / "report" / "arms").mkdir(parents=True)
+    (tmp_path / "report" / "arms" / "cxr-abnormality-scratch-full-s9.json").write_text("{}")  # an earlier run's
     report = write_experiment_report(tmp_path, tmp_path / "report", settings=settings, frozen=frozen,
                                      disjoint=disjoint, pretrain={"images": 10, "steps": 2, "global_batch": 4},
-                                     timings={"sessions": []}, command="cmd", device="cpu")
+                                     timings={"sessions": []}, command="cmd", device="cpu", probe=probe)
     text = Path(report["markdown"]).read_text()
     assert report["helped"] == {"metric": False, "convergence": False, "robustness": False}
     assert text.count("did **not** measurably help") == 3
     assert "no gain" in text and "less robust" in text and "slower than scratch" in text
     assert "Archive size" in text and "Recipe" in text and "Augmentations" in text
+    # The measured reasons: the encoder's probe gain is below the bar, and the gain itself is negative.
+    assert "which lever fell short" in text and "the pretrained encoder fell short" in text
+    assert "+0.010 AUC" in text and "the gain itself is short of +3 points" in text
+    # The report folder holds this run's records, and only them: it survives a new checkout.
+    kept = sorted(p.name for p in (tmp_path / "report" / "arms").glob("*.json"))
+    assert kept == sorted(f"{arm_name(a['task'], a['arm'], a['size'], a['seed'])}.json" for a in arms)
+    for name in ("frozen", "disjointness", "settings", "probe"):
+        assert json.loads((tmp_path / "report" / f"{name}.json").read_text())
+    assert json.loads(Path(report["json"]).read_text())["probe"] == probe
+
+
+def test_seeds_needed_follows_the_t_interval() -> None:
+    # Five seeds with mean 2 and SD 1: the t interval (2 +- 2.776 / sqrt 5) already excludes 0.
+    values = [1.0, 2.0, 3.0, 1.5, 2.5]
+    mean, low, high = mean_ci(values)
+    stat = {"mean": mean, "low": low, "high": high, "n": 5}
+    assert seeds_needed(stat) == next(k for k in range(2, 100)
+                                      if student_t.ppf(0.975, k - 1) * np.std(values, ddof=1) / np.sqrt(k) < mean)
+    wide = {"mean": 4.0, "low": -6.0, "high": 14.0, "n": 3}  # SD 4.0: seven seeds
+    assert seeds_needed(wide) == 7 and seeds_needed({**wide, "mean": 0.1}) is None  # over 100 seeds
+    assert seeds_needed({"mean": -1.0, "low": -3.0, "high": 1.0, "n": 3}) is None
+    assert seeds_needed({"mean": 1.0, "low": None, "high": None, "n": 1}) is None
 
 
 # --- node.synth's patient prefix (the option the experiment needs) -----------------------------

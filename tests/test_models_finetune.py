@@ -44,14 +44,16 @@ def _items(phantoms: Path, task: str) -> list[StudyItem]:
                            workers=1)
 
 
-@pytest.mark.parametrize("task,regime", [
-    ("cxr-abnormality", "supervised"), ("ct-hemorrhage", "hybrid"), ("mr-metastasis", "supervised"),
+@pytest.mark.parametrize("task,regime,head_stride", [
+    ("cxr-abnormality", "supervised", 32), ("ct-hemorrhage", "hybrid", 8), ("mr-metastasis", "supervised", 32),
 ])
-def test_task_finetunes_registers_reloads_and_evaluates(phantoms: Path, tmp_path: Path, task: str, regime: str) -> None:
+def test_task_finetunes_registers_reloads_and_evaluates(phantoms: Path, tmp_path: Path, task: str, regime: str,
+                                                        head_stride: int) -> None:
     spec = task_spec(task)
     splits = patient_split(_items(phantoms, task), seed=0)
     inputs = InputSpec(size=64)
-    config = FinetuneConfig(input=inputs, steps=6, batch_size=4, eval_every=3, regime=regime)  # type: ignore[arg-type]
+    config = FinetuneConfig(input=inputs, steps=6, batch_size=4, eval_every=3, regime=regime,  # type: ignore[arg-type]
+                            head_stride=head_stride)  # type: ignore[arg-type]
     val = build_data(spec, splits["val"], inputs)
     result = finetune(spec, build_data(spec, splits["train"], inputs), val, config)
     assert result.steps_run == 6 and [step for step, _ in result.curve] == [3, 6]
@@ -75,6 +77,7 @@ def test_task_finetunes_registers_reloads_and_evaluates(phantoms: Path, tmp_path
     device = torch.device("cpu")
     assert torch.equal(predict(result.network, val, inputs, device), predict(network, val, inputs, device))
     assert loaded.device_uid == card.device_uid and folder.name == "1"
+    assert loaded.head_stride == (4 if spec.kind == "segmentation" else head_stride)
 
     metrics, plots = evaluate(network, loaded, splits["test"], robustness=True)
     assert set(metrics["robustness"]) == {"rotation_deg", "scale", "intensity_scale", "gamma"}

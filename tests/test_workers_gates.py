@@ -59,7 +59,7 @@ def _register(models_dir: Path, version: str, best_metric: float) -> ModelCard:
     spec = task_spec(TASK)
     config = FinetuneConfig(input=spec.input.model_copy(update={"size": 32}))
     torch.manual_seed(0)
-    network = build_network(spec, Encoder(config.encoder_spec(spec)))
+    network = build_network(spec, Encoder(config.encoder_spec(spec)), config)
     result = FinetuneResult(network, best_metric, 0, 0, [], _outputs(), 0.0)
     folder = models_dir.parent / "staging" / version
     card = save_model(folder, spec, result, config, name=TASK, version=version, training={}, encoder_source={})
