@@ -9,6 +9,7 @@ instead of a silently ignored setting.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -86,6 +87,8 @@ class NodeSettings(Strict):
     store_dir: Path | None = Field(
         default=None, description="study store; default <data_dir>/store (a shared filesystem for remote workers)"
     )
+    receivers: int = Field(
+        default=1, ge=0, description="processes accepting C-STORE on the port (SO_REUSEPORT); 0: one per CPU core")
     max_associations: int = Field(default=32, ge=1)
     max_associations_per_host: int = Field(
         default=16, ge=1, description="one host cannot take every association slot"
@@ -125,6 +128,11 @@ class NodeSettings(Strict):
     @property
     def index_path(self) -> Path:
         return self.data_dir / "index.sqlite3"
+
+    @property
+    def receiver_processes(self) -> int:
+        """How many receiver processes: 1 means the node receives in its own process."""
+        return self.receivers or os.cpu_count() or 1
 
 
 class BrokerSettings(Strict):

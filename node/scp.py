@@ -32,10 +32,11 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at
 from pynetdicom.transport import ThreadedAssociationServer
 
 from config.settings import NodeSettings
+from node.association_slots import AssociationSlots
 from node.headers import InstanceHeader, InstanceKind, UnreadableDataset, read_header
 from node.index import IngestChange, Received, StudyIndex
 from node.ingest import INGEST_ERRORS, IngestWriter
-from node.metrics import NodeMetrics
+from node.metrics import ReceiverMetrics
 from node.store import StoreOutcome, StudyStore
 from node.uids import InvalidUID, is_valid_uid
 
@@ -183,6 +184,22 @@ class NodeServer(ThreadedAssociationServer):
         # TLS handshakes) would pass the cap before any of them shows up as an association.
         self._starting: dict[str, set[Any]] = {}  # host -> accepted sockets
         self._starting_lock = threading.Lock()
+        # Set in receiver processes: the limits then hold over every receiver of the node.
+        self.slots: AssociationSlots | None = None
+
+    def _held_hosts(self) -> list[str]:
+        """Hosts of every connection this process holds: live associations and those starting."""
+        starting = {sock for socks in self._starting.values() for sock in socks}
+        live = [str(assoc.requestor.address) for assoc in self.active_associations
+                if _connection_of(assoc) not in starting]
+        return live + [host for host, socks in self._starting.items() for _ in socks]
+
+    def service_actions(self) -> None:
+        """Every poll of the accept loop: publish this receiver's count afresh (connections closed)."""
+        super().service_actions()
+        if self.slots is not None:
+            with self._starting_lock:
+                self.slots.publish(self._held_hosts())
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         assert self.socket is not None
@@ -205,6 +222,12 @@ class NodeServer(ThreadedAssociationServer):
         """
         host = str(client_address[0])
         with self._starting_lock:
+            if self.slots is not None:
+                if self.slots.admit(host, self._held_hosts(), self.per_host_limit):
+                    self._starting.setdefault(host, set()).add(request)
+                    return True
+                self.on_refused(host, Refusal.PER_HOST_LIMIT)
+                return False
             starting = self._starting.get(host, set())
             live = sum(
                 1 for assoc in self.active_associations
@@ -286,7 +309,7 @@ class StorageSCP:
 
     def __init__(
         self, settings: NodeSettings, store: StudyStore, index: StudyIndex, writer: IngestWriter,
-        metrics: NodeMetrics,
+        metrics: ReceiverMetrics,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -295,6 +318,9 @@ class StorageSCP:
         self.metrics = metrics
         self.policy = AccessPolicy(settings)
         self.free_space = FreeSpaceGauge(store, settings.min_free_disk_mb * 1024 * 1024)
+        # In a receiver process: the node's open connections over all its receivers (this one's
+        # included), for max_associations; None when this process is the only receiver.
+        self.node_wide_connections: Callable[[], int] | None = None
         self.log = structlog.get_logger("pacsnode.scp")
 
     # --- association -------------------------------------------------------------------
@@ -311,6 +337,12 @@ class StorageSCP:
                              peer=host)
             assoc.acse.send_reject(*REJECT_CALLING_AE)
             self.metrics.associations.labels(result="rejected").inc()  # pynetdicom fires no EVT_REJECTED here
+            assoc.kill()
+        elif self.node_wide_connections is not None and self.node_wide_connections() > self.settings.max_associations:
+            # Over all receivers: answered as pynetdicom answers its own per-process limit.
+            self.metrics.rejects.labels(reason="max_associations").inc()
+            assoc.acse.send_reject(*REJECT_LOCAL_LIMIT)
+            self.metrics.associations.labels(result="rejected").inc()
             assoc.kill()
 
     def on_rejected(self, event: Event) -> None:
@@ -519,7 +551,27 @@ def build_ae(settings: NodeSettings) -> AE:
     return ae
 
 
-def start_scp(settings: NodeSettings, scp: StorageSCP) -> NodeServer:
+def receiver_server(slots: AssociationSlots) -> type[NodeServer]:
+    """The server class of a receiver process: it shares its port with the node's other receivers
+    (SO_REUSEPORT: the kernel spreads new connections over them), and counts the association limits
+    over all of them in ``slots``."""
+
+    class ReceiverServer(NodeServer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.slots = slots
+
+        def server_bind(self) -> None:
+            # pynetdicom's server_bind sets SO_REUSEADDR only (socketserver's allow_reuse_port is
+            # not consulted there), so the option goes on before it binds.
+            assert self.socket is not None
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            super().server_bind()
+
+    return ReceiverServer
+
+
+def start_scp(settings: NodeSettings, scp: StorageSCP, server_class: type[NodeServer] = NodeServer) -> NodeServer:
     """Start listening (non-blocking); returns the server, whose ``shutdown()`` stops it."""
     ae = build_ae(settings)
     server = ae.make_server(
@@ -527,7 +579,7 @@ def start_scp(settings: NodeSettings, scp: StorageSCP) -> NodeServer:
         ae_title=settings.ae_title,
         ssl_context=tls_context(settings),
         evt_handlers=scp.handlers(),
-        server_class=NodeServer,
+        server_class=server_class,
     )
     assert isinstance(server, NodeServer)
     server.per_host_limit = settings.max_associations_per_host

@@ -22,9 +22,10 @@ from node.index import StudyIndex
 from node.ingest import IngestWriter
 from node.metrics import NodeMetrics
 from node.notifier import Notifier
+from node.receivers import ReceiverPool
 from node.reports import ReportConsumer
 from node.retention import apply_purge, plan_purge
-from node.scp import StorageSCP, start_scp
+from node.scp import NodeServer, StorageSCP, start_scp
 from node.store import StudyStore
 
 
@@ -34,11 +35,15 @@ class Node:
         self.store = StudyStore(settings.node.store_path)
         self.index = StudyIndex(settings.node.index_path, destinations=settings.destinations,
                                 notify=[n.name for n in settings.notifications], urgent=settings.triage.urgent)
-        self.metrics = NodeMetrics()
+        count = settings.node.receiver_processes
+        # Several receivers: DIMSE in child processes; this process keeps STOW-RS and everything else.
+        self.receivers = ReceiverPool(settings, count) if count > 1 else None
+        self.metrics = NodeMetrics(self.receivers.metrics_dir if self.receivers is not None else None)
         self.metrics.watch_index(self.index.counts_by_state)
         self.metrics.watch_exports(self.index.export_counts)
         self.writer = IngestWriter(self.store, self.index)
-        self.scp = StorageSCP(settings.node, self.store, self.index, self.writer, self.metrics)
+        self.scp = StorageSCP(settings.node, self.store, self.index, self.writer, self.metrics.receiving)
+        self.server: NodeServer | None = None
         self.assembler = Assembler(settings, self.index)
         self.dispatcher = Dispatcher(settings, self.index, self.metrics)
         self.reports = ReportConsumer(settings, self.index, self.metrics)
@@ -54,8 +59,12 @@ class Node:
 
     def start(self) -> None:
         self.writer.start()
-        self.server = start_scp(self.settings.node, self.scp)
-        self.dicom_port = int(self.server.server_address[1])
+        if self.receivers is not None:
+            self.receivers.start()
+            self.dicom_port = self.receivers.port
+        else:
+            self.server = start_scp(self.settings.node, self.scp)
+            self.dicom_port = int(self.server.server_address[1])
         if self.settings.http.enabled:
             self.http = start_http(self.settings, self.metrics, self.health, self.index, self.scp, self.store)
             self.http_port = int(self.http.server_address[1])
@@ -68,6 +77,7 @@ class Node:
         if self.worker is not None:
             self.worker.start()
         self._log.info("node started", ae_title=self.settings.node.ae_title, port=self.dicom_port,
+                       receivers=self.receivers.count if self.receivers is not None else 1,
                        store=str(self.store.root), tls=self.settings.node.tls.enabled,
                        broker="embedded" if self.settings.broker.url is None else "external")
 
@@ -75,9 +85,13 @@ class Node:
         """``/health``: not ok (503) when the disk is below its watermark or the embedded worker keeps failing."""
         free_ok = self.scp.free_space.enough()
         state: dict[str, object] = {"ok": free_ok, "disk_free_ok": free_ok, "studies": self.index.counts_by_state()}
+        if self.receivers is not None:
+            running = self.receivers.alive()
+            state["receivers"] = {"running": running, "of": self.receivers.count}
+            state["ok"] = free_ok and running > 0
         if self.worker is not None:
             worker = self.worker.health()
-            state["ok"] = free_ok and not worker.failing
+            state["ok"] = bool(state["ok"]) and not worker.failing
             state["embedded_worker"] = {"state": worker.state, "summary": worker.summary(), "failures": worker.failures}
         return state
 
@@ -93,7 +107,10 @@ class Node:
 
     def stop(self) -> None:
         self._stop.set()
-        self.server.shutdown()
+        if self.server is not None:
+            self.server.shutdown()
+        if self.receivers is not None:
+            self.receivers.stop()
         if self.worker is not None:
             self.worker.stop()
         self.assembler.stop()

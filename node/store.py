@@ -13,7 +13,6 @@ import enum
 import os
 import secrets
 import shutil
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +58,6 @@ class StudyStore:
         """``fsync`` is injectable so tests can observe that durability precedes the answer."""
         self.root = root
         self._fsync = fsync
-        self._placing = threading.Lock()
         self.incoming = root / INCOMING
         self.quarantine = root / QUARANTINE
         for folder in (self.root, self.incoming, self.quarantine):
@@ -100,17 +98,19 @@ class StudyStore:
         final = self.path_of(key)
         if self._holds(final, data):
             return StoreOutcome.DUPLICATE, final
-        temp = self._write_temp(data)  # the slow part (fsync) runs outside the lock
-        # Check and rename under one lock: of two concurrent writes of one SOP Instance UID, the
-        # later one must find the earlier in place, never replace an instance already answered.
-        with self._placing:
-            if final.exists():
-                if self._holds(final, data):
-                    temp.unlink()
-                    return StoreOutcome.DUPLICATE, final
-                return StoreOutcome.CONFLICT, self.set_aside(temp, key)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(temp, final)
+        temp = self._write_temp(data)  # the slow part (fsync) runs outside any lock
+        # Placed with link(2), which fails if the name exists: of two concurrent writes of one SOP
+        # Instance UID, in threads or in receiver processes, the later one finds the earlier in
+        # place and never replaces an instance already answered.
+        final.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(temp, final)
+        except FileExistsError:
+            if self._holds(final, data):
+                temp.unlink()
+                return StoreOutcome.DUPLICATE, final
+            return StoreOutcome.CONFLICT, self.set_aside(temp, key)
+        temp.unlink()
         return StoreOutcome.STORED, final
 
     def set_aside(self, path: Path, key: InstanceKey) -> Path:

@@ -1,0 +1,158 @@
+"""The node's receiver processes (``node.receivers`` of them): started, watched and replaced.
+
+Why processes: C-STORE handling is Python (pynetdicom, the header read, the writes), so one
+process cannot use a second core. Several processes listen on the one port (SO_REUSEPORT) and
+the kernel spreads connections over them; each runs :mod:`node.receiver`. The node stays the one
+owner of everything else (assembly, dispatch, exports), which reads what the receivers committed
+to the index.
+
+A receiver that dies (SIGKILL, a crash) lost nothing it had acknowledged: it answers success only
+after the index commit. The node frees its association slots, drops its gauge, and starts a
+replacement, with back-off while replacements keep dying. A node that dies takes its receivers
+with it (``PR_SET_PDEATHSIG`` in each), so none keeps serving alone and a restarted node can bind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import structlog
+from prometheus_client import multiprocess
+
+from config.settings import Settings
+from node.association_slots import AssociationSlots
+from node.receiver import ReceiverSpec, is_ready
+
+RUN_DIR = "run"
+READY_TIMEOUT_S = 30.0
+MAX_BACKOFF_S = 10.0
+WATCH_S = 0.2
+
+
+def receiver_command(spec: Path, slot: int) -> list[str]:
+    return [sys.executable, "-P", "-m", "node.receiver", str(spec), str(slot)]
+
+
+class ReceiverPool:
+    """Starts the receivers on ``port`` and keeps ``count`` of them running until ``stop``."""
+
+    def __init__(self, settings: Settings, count: int) -> None:
+        self._settings = settings
+        self.count = count
+        self.run_dir = settings.node.data_dir / RUN_DIR
+        self.metrics_dir = self.run_dir / "receiver-metrics"
+        self._spec_path = self.run_dir / "receivers.json"
+        self._processes: list[subprocess.Popen[bytes] | None] = [None] * count
+        self._restarts = [0] * count
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="receivers", daemon=True)
+        self._log = structlog.get_logger("pacsnode.receivers")
+        self._reserved: socket.socket | None = None
+        self.port = settings.node.port
+        self.slots: AssociationSlots | None = None
+
+    def prepare(self) -> None:
+        """Fresh run folder, slot table and metrics folder (an earlier, killed node's are void)."""
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        self.metrics_dir.mkdir(parents=True)
+        self.slots = AssociationSlots.create(self.run_dir / "association-slots", self.count)
+
+    def _reserve_port(self) -> None:
+        """Port 0 means any: bind one SO_REUSEPORT socket (never listening, so the kernel gives it
+        no connection) to learn the port, and hold it so nobody else takes it."""
+        node = self._settings.node
+        family = socket.AF_INET6 if ":" in node.host else socket.AF_INET
+        self._reserved = socket.socket(family, socket.SOCK_STREAM)
+        self._reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self._reserved.bind((node.host, node.port))
+        self.port = int(self._reserved.getsockname()[1])
+
+    def start(self) -> None:
+        self.prepare()
+        if self._settings.node.port == 0:
+            self._reserve_port()
+        node = self._settings.node.model_copy(update={"port": self.port})
+        assert self.slots is not None
+        spec = ReceiverSpec(node=node, logging=self._settings.logging, receivers=self.count, slots=self.slots.path,
+                            metrics=self.metrics_dir, parent_pid=os.getpid())
+        fd = os.open(self._spec_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(spec.model_dump_json())
+        for slot in range(self.count):
+            self._spawn(slot)
+        self._wait_listening()
+        self._thread.start()
+
+    def _spawn(self, slot: int) -> None:
+        env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
+        self._processes[slot] = subprocess.Popen(receiver_command(self._spec_path, slot), env=env)
+
+    def _wait_listening(self) -> None:
+        """Until every receiver wrote its ready file (it listens), or one exited."""
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while time.monotonic() < deadline:
+            waiting = 0
+            for slot, process in enumerate(self._processes):
+                assert process is not None
+                if process.poll() is not None:
+                    raise OSError(f"receiver {slot} exited with {process.returncode} at start "
+                                  f"(port {self.port} in use?)")
+                waiting += not is_ready(self.run_dir, slot, process.pid)
+            if not waiting:
+                return
+            time.sleep(0.05)
+        raise OSError(f"the receivers did not listen on port {self.port} within {READY_TIMEOUT_S:.0f} s")
+
+    def pids(self) -> list[int | None]:
+        return [p.pid if p is not None and p.poll() is None else None for p in self._processes]
+
+    def alive(self) -> int:
+        return sum(pid is not None for pid in self.pids())
+
+    def _watch(self) -> None:
+        next_try = [0.0] * self.count
+        while not self._stop.wait(WATCH_S):
+            for slot, process in enumerate(self._processes):
+                if process is None or process.poll() is None or self._stop.is_set():
+                    continue
+                now = time.monotonic()
+                if now < next_try[slot]:
+                    continue
+                self._replace(slot, process)
+                next_try[slot] = now + min(MAX_BACKOFF_S, 0.5 * 2 ** min(self._restarts[slot], 5))
+
+    def _replace(self, slot: int, dead: subprocess.Popen[bytes]) -> None:
+        assert self.slots is not None
+        self.slots.clear(slot)
+        multiprocess.mark_process_dead(dead.pid, str(self.metrics_dir))
+        self._restarts[slot] += 1
+        self._log.warning("receiver died; starting a replacement", slot=slot, pid=dead.pid,
+                          exit_code=dead.returncode, restarts=self._restarts[slot])
+        self._spawn(slot)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+        for process in self._processes:
+            if process is not None and process.poll() is None:
+                process.terminate()
+        for process in self._processes:
+            if process is None:
+                continue
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._reserved is not None:
+            self._reserved.close()
+        if self.slots is not None:
+            self.slots.close()
