@@ -39,8 +39,9 @@ def make_settings(tmp_path: Path, **sections: Any) -> Settings:
     """Shipped defaults, with a private data folder, free ports and the given section overrides
     (a mapping is merged into the section, a list such as ``destinations`` replaces it)."""
     base: dict[str, Any] = {
+        # Two receiver processes, the shipped default on a 2-core machine, whatever the machine.
         "node": {"data_dir": tmp_path / "data", "host": "127.0.0.1", "port": free_port(),
-                 "quiet_period_s": 1.0, "min_free_disk_mb": 1},
+                 "quiet_period_s": 1.0, "min_free_disk_mb": 1, "receivers": 2},
         "http": {"port": free_port()},
         "workers": {"embedded": False, "models_dir": tmp_path / "models"},
         "logging": {"json": False, "level": "WARNING"},

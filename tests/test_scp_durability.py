@@ -72,7 +72,9 @@ class GatedFsync:
 @pytest.fixture
 def gated_node(tmp_path: Path) -> Iterator[tuple[Node, GatedFsync]]:
     fsync = GatedFsync()
-    node = Node(make_settings(tmp_path, node={"quiet_period_s": 60}, routing={"rules": []}), with_worker=False)
+    # receivers 1: fsync is injected into the node's own store, so the node must receive in-process.
+    node = Node(make_settings(tmp_path, node={"quiet_period_s": 60, "receivers": 1}, routing={"rules": []}),
+                with_worker=False)
     node.store._fsync = fsync  # the store's documented injection point
     node.start()
     try:

@@ -49,6 +49,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants, from /proc (a node's receiver processes are its children)."""
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        found.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                queue += [int(child) for child in (task / "children").read_text().split()]
+            except (OSError, ValueError):
+                continue
+    return found
+
+
 def peak_rss_bytes(pid: int) -> int | None:
     """VmHWM (peak resident set) of a live process, from /proc; None when not readable."""
     try:
@@ -136,10 +150,18 @@ class Receiver(ABC):
         return self.process.pid
 
     def peak_rss(self) -> int | None:
-        return peak_rss_bytes(self.pid) if self.process is not None else None
+        """Peak resident set summed over the receiver's process tree."""
+        if self.process is None:
+            return None
+        peaks = [peak_rss_bytes(pid) for pid in process_tree(self.pid)]
+        return sum(p for p in peaks if p is not None) or None
 
     def cpu_seconds(self) -> float | None:
-        return cpu_seconds(self.pid) if self.process is not None else None
+        """CPU seconds of the receiver's whole process tree (a node's receivers included)."""
+        if self.process is None:
+            return None
+        used = [cpu_seconds(pid) for pid in process_tree(self.pid)]
+        return sum(u for u in used if u is not None) if used[0] is not None else None
 
     @abstractmethod
     def stored_count(self) -> int:
@@ -173,15 +195,18 @@ def _count_files(folder: Path, suffix: str | None = None) -> int:
 
 
 class PacsnodeReceiver(Receiver):
-    """``pacsnode serve --no-worker``, HTTP off, WARNING logs, a private data folder."""
+    """``pacsnode serve --no-worker``, HTTP off, WARNING logs, a private data folder; ``receivers``
+    processes (None: the shipped default, one per core)."""
 
     name = "pacsnode"
     ae_title = "PACSNODE"
 
-    def __init__(self, workdir: Path, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, workdir: Path, extra_env: dict[str, str] | None = None, receivers: int | None = None) -> None:
         super().__init__(workdir)
         self.data_dir = workdir / "data"
         self.extra_env = dict(extra_env or {})
+        if receivers is not None:
+            self.extra_env["PACSNODE_NODE__RECEIVERS"] = str(receivers)
 
     def command(self) -> list[str]:
         return pacsnode_command("serve", "--port", str(self.port), "--ae-title", self.ae_title, "--no-worker")

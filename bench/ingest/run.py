@@ -33,7 +33,9 @@ from bench.results import RESULTS_DIR, write_results
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CACHE_DIR = REPO_ROOT / "bench" / ".cache"
 
-TARGETS = ("pacsnode", "storescp", "orthanc")
+# pacsnode-rN: N receiver processes; pacsnode: the shipped default (one per CPU core).
+TARGETS = ("pacsnode-r1", "pacsnode-r2", "pacsnode", "storescp", "orthanc")
+PEERS = ("storescp", "orthanc")
 ASSOCIATION_COUNTS = (1, 4)
 FULL_INSTANCES = 2000
 FULL_ROUNDS = 3
@@ -95,7 +97,7 @@ def _median(values: Sequence[float | None]) -> float | None:
 def summarise(runs: Sequence[Run]) -> Summary:
     """Median instances/s, MB/s, seconds and peak RSS per target and association count; ratios; checks."""
     summary = Summary()
-    for target in TARGETS:
+    for target in dict.fromkeys(r.target for r in runs):
         for assoc in ASSOCIATION_COUNTS:
             mine = [r for r in runs if r.target == target and r.associations == assoc]
             if not mine:
@@ -106,16 +108,20 @@ def summarise(runs: Sequence[Run]) -> Summary:
                 "seconds": _median([r.seconds for r in mine]),
                 "peak_rss_mb": _median([r.peak_rss_mb for r in mine]),
                 "cpu_s": _median([r.cpu_s for r in mine]),
+                "cpu_ms_per_instance": _median([None if r.cpu_s is None else 1000 * r.cpu_s / r.instances
+                                                for r in mine]),
                 "max_peak_rss_mb": max((r.peak_rss_mb for r in mine if r.peak_rss_mb is not None),
                                        default=None),
                 "runs": len(mine),
             }
     for assoc in ASSOCIATION_COUNTS:
-        node = summary.medians.get("pacsnode", {}).get(assoc, {}).get("instances_per_s")
         ratios: dict[str, float | None] = {}
-        for other in ("storescp", "orthanc"):
-            theirs = summary.medians.get(other, {}).get(assoc, {}).get("instances_per_s")
-            ratios[other] = node / theirs if node is not None and theirs else None
+        for target in (t for t in summary.medians if t.startswith("pacsnode")):
+            node = summary.medians[target].get(assoc, {}).get("instances_per_s")
+            for other in PEERS:
+                theirs = summary.medians.get(other, {}).get(assoc, {}).get("instances_per_s")
+                key = other if target == "pacsnode" else f"{target}/{other}"
+                ratios[key] = node / theirs if node is not None and theirs else None
         summary.ratios[assoc] = ratios
     four = summary.ratios.get(4, {})
     rss = summary.medians.get("pacsnode", {}).get(4, {}).get("max_peak_rss_mb")
@@ -147,16 +153,19 @@ def format_report(summary: Summary, phantoms: PhantomSet, rounds: int) -> str:
     lines = [
         (f"{len(phantoms.files)} instances ({phantoms.total_bytes / MB:.0f} MB, {phantoms.source} phantoms), "
          f"median of {rounds} round(s)"),
-        f"{'target':<10}{'assoc':>6}{'inst/s':>10}{'MB/s':>9}{'seconds':>9}{'peak RSS MB':>13}{'CPU s':>8}",
+        (f"{'target':<12}{'assoc':>6}{'inst/s':>10}{'MB/s':>9}{'seconds':>9}{'peak RSS MB':>13}{'CPU s':>8}"
+        f"{'CPU ms/inst':>13}"),
     ]
     for target, by_assoc in summary.medians.items():
         for assoc, m in by_assoc.items():
-            lines.append(f"{target:<10}{assoc:>6}{_fmt(m['instances_per_s']):>10}{_fmt(m['mb_per_s']):>9}"
-                         f"{_fmt(m['seconds'], 2):>9}{_fmt(m['peak_rss_mb']):>13}{_fmt(m['cpu_s'], 2):>8}")
+            lines.append(f"{target:<12}{assoc:>6}{_fmt(m['instances_per_s']):>10}{_fmt(m['mb_per_s']):>9}"
+                         f"{_fmt(m['seconds'], 2):>9}{_fmt(m['peak_rss_mb']):>13}{_fmt(m['cpu_s'], 2):>8}"
+                         f"{_fmt(m['cpu_ms_per_instance'], 2):>13}")
     lines.append("")
     for assoc, ratios in summary.ratios.items():
-        lines.append(f"ratios, {assoc} assoc: pacsnode/storescp = {_fmt(ratios.get('storescp'), 2)}, "
-                     f"pacsnode/orthanc = {_fmt(ratios.get('orthanc'), 2)}")
+        shown = ", ".join(f"{'pacsnode/' + key if '/' not in key else key} = {_fmt(value, 2)}"
+                          for key, value in ratios.items())
+        lines.append(f"ratios, {assoc} assoc: {shown}")
     lines.append("")
     for name, check in summary.checks.items():
         value = check["value"]
@@ -199,6 +208,8 @@ def send(phantoms: PhantomSet, associations: int, port: int, called_ae: str, log
 def make_receiver(target: str, workdir: Path, storescp_fork: bool) -> Receiver:
     if target == "pacsnode":
         return PacsnodeReceiver(workdir)
+    if target.startswith("pacsnode-r") and target[len("pacsnode-r"):].isdigit():
+        return PacsnodeReceiver(workdir, receivers=int(target[len("pacsnode-r"):]))
     if target == "storescp":
         return StorescpReceiver(workdir, fork=storescp_fork)
     if target == "orthanc":
