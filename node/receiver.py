@@ -1,7 +1,7 @@
-"""One receiver process of a node: C-STORE (and C-ECHO, MPPS) on the node's port, shared with the
-node's other receivers by SO_REUSEPORT, with the node's own SCP code.
+"""One receiver process of a node: C-STORE (and C-ECHO, MPPS) accepted from the listening socket
+the node bound and handed down to all its receivers, with the node's own SCP code.
 
-Started by the node (``node.receivers``) as ``python -P -m node.receiver SPEC SLOT``. Every
+Started by the node (``node.receivers``) as ``python -P -m node.receiver SPEC SLOT FD``. Every
 guarantee of the in-process SCP holds here, because it is the same code: success only after the
 file is fsynced and renamed, its folders fsynced and its index row committed (this process's own
 group-commit writer; SQLite in WAL mode takes the receivers' commits one after another, waiting
@@ -63,7 +63,7 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
-def serve(spec: ReceiverSpec, slot: int) -> None:
+def serve(spec: ReceiverSpec, slot: int, listening_fd: int) -> None:
     """Receive until SIGTERM (or the parent is gone)."""
     # Imported here: prometheus_client reads PROMETHEUS_MULTIPROC_DIR when it is first imported.
     from node.association_slots import AssociationSlots
@@ -82,7 +82,7 @@ def serve(spec: ReceiverSpec, slot: int) -> None:
     scp = StorageSCP(spec.node, store, index, writer, ReceiverMetrics(None))
     slots = AssociationSlots(spec.slots, spec.receivers, slot)
     scp.node_wide_connections = slots.connections
-    server = start_scp(spec.node, scp, receiver_server(slots))
+    server = start_scp(spec.node, scp, receiver_server(slots, listening_fd))
     ready_file(spec.slots.parent, slot).write_text(str(os.getpid()))
     stop = threading.Event()
 
@@ -102,7 +102,7 @@ def main(argv: list[str]) -> int:
     spec = ReceiverSpec.model_validate_json(Path(argv[0]).read_bytes())
     die_with_parent(spec.parent_pid)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(spec.metrics)
-    serve(spec, int(argv[1]))
+    serve(spec, int(argv[1]), int(argv[2]))
     return 0
 
 

@@ -1,8 +1,9 @@
 """The node's receiver processes (``node.receivers`` of them): started, watched and replaced.
 
 Why processes: C-STORE handling is Python (pynetdicom, the header read, the writes), so one
-process cannot use a second core. Several processes listen on the one port (SO_REUSEPORT) and
-the kernel spreads connections over them; each runs :mod:`node.receiver`. The node stays the one
+process cannot use a second core. The node binds and listens on the port and hands the socket
+down to every receiver (a pre-forked accept): the kernel gives each new connection to one of the
+receivers waiting in accept, so idle ones take more; each runs :mod:`node.receiver`. The node stays the one
 owner of everything else (assembly, dispatch, exports), which reads what the receivers committed
 to the index.
 
@@ -36,8 +37,11 @@ MAX_BACKOFF_S = 10.0
 WATCH_S = 0.2
 
 
-def receiver_command(spec: Path, slot: int) -> list[str]:
-    return [sys.executable, "-P", "-m", "node.receiver", str(spec), str(slot)]
+LISTEN_BACKLOG = 128
+
+
+def receiver_command(spec: Path, slot: int, listening_fd: int) -> list[str]:
+    return [sys.executable, "-P", "-m", "node.receiver", str(spec), str(slot), str(listening_fd)]
 
 
 class ReceiverPool:
@@ -54,7 +58,7 @@ class ReceiverPool:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="receivers", daemon=True)
         self._log = structlog.get_logger("pacsnode.receivers")
-        self._reserved: socket.socket | None = None
+        self._listening: socket.socket | None = None
         self.port = settings.node.port
         self.slots: AssociationSlots | None = None
 
@@ -64,20 +68,21 @@ class ReceiverPool:
         self.metrics_dir.mkdir(parents=True)
         self.slots = AssociationSlots.create(self.run_dir / "association-slots", self.count)
 
-    def _reserve_port(self) -> None:
-        """Port 0 means any: bind one SO_REUSEPORT socket (never listening, so the kernel gives it
-        no connection) to learn the port, and hold it so nobody else takes it."""
+    def _listen(self) -> socket.socket:
+        """The node's DICOM port, bound and listening, for the receivers to accept from (port 0:
+        any free one)."""
         node = self._settings.node
         family = socket.AF_INET6 if ":" in node.host else socket.AF_INET
-        self._reserved = socket.socket(family, socket.SOCK_STREAM)
-        self._reserved.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        self._reserved.bind((node.host, node.port))
-        self.port = int(self._reserved.getsockname()[1])
+        listening = socket.socket(family, socket.SOCK_STREAM)
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind((node.host, node.port))
+        listening.listen(LISTEN_BACKLOG)
+        self.port = int(listening.getsockname()[1])
+        return listening
 
     def start(self) -> None:
         self.prepare()
-        if self._settings.node.port == 0:
-            self._reserve_port()
+        self._listening = self._listen()
         node = self._settings.node.model_copy(update={"port": self.port})
         assert self.slots is not None
         spec = ReceiverSpec(node=node, logging=self._settings.logging, receivers=self.count, slots=self.slots.path,
@@ -91,8 +96,10 @@ class ReceiverPool:
         self._thread.start()
 
     def _spawn(self, slot: int) -> None:
+        assert self._listening is not None
         env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir)}
-        self._processes[slot] = subprocess.Popen(receiver_command(self._spec_path, slot), env=env)
+        fd = self._listening.fileno()
+        self._processes[slot] = subprocess.Popen(receiver_command(self._spec_path, slot, fd), env=env, pass_fds=(fd,))
 
     def _wait_listening(self) -> None:
         """Until every receiver wrote its ready file (it listens), or one exited."""
@@ -152,7 +159,7 @@ class ReceiverPool:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
-        if self._reserved is not None:
-            self._reserved.close()
+        if self._listening is not None:
+            self._listening.close()
         if self.slots is not None:
             self.slots.close()

@@ -551,10 +551,17 @@ def build_ae(settings: NodeSettings) -> AE:
     return ae
 
 
-def receiver_server(slots: AssociationSlots) -> type[NodeServer]:
-    """The server class of a receiver process: it shares its port with the node's other receivers
-    (SO_REUSEPORT: the kernel spreads new connections over them), and counts the association limits
-    over all of them in ``slots``."""
+def receiver_server(slots: AssociationSlots, listening_fd: int) -> type[NodeServer]:
+    """The server class of a receiver process: it accepts from the listening socket the node bound
+    and handed down (``listening_fd``), beside the node's other receivers, and counts the
+    association limits over all of them in ``slots``.
+
+    One shared socket rather than one per receiver (SO_REUSEPORT): the kernel then hands each new
+    connection to a receiver that is waiting in accept, so a busy receiver gets fewer, where
+    SO_REUSEPORT spreads connections by a hash of their addresses (four connections land all on
+    one of two receivers one time in eight, and half the time three on one). The socket is
+    non-blocking: every receiver is woken for a connection, one accepts it, the others' accept
+    fails (EAGAIN) and their loop goes on."""
 
     class ReceiverServer(NodeServer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -562,11 +569,14 @@ def receiver_server(slots: AssociationSlots) -> type[NodeServer]:
             self.slots = slots
 
         def server_bind(self) -> None:
-            # pynetdicom's server_bind sets SO_REUSEADDR only (socketserver's allow_reuse_port is
-            # not consulted there), so the option goes on before it binds.
             assert self.socket is not None
-            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            super().server_bind()
+            self.socket.close()
+            self.socket = socket.socket(fileno=listening_fd)
+            self.socket.setblocking(False)
+            self.server_address = self.socket.getsockname()
+
+        def server_activate(self) -> None:
+            """Listening already: the node did it."""
 
     return ReceiverServer
 

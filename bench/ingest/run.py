@@ -390,7 +390,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             from bench.ingest.profile import profiled_run
 
             mode_flags = {"active": (), "gil": ("--gil",), "idle": ("--idle",)}[args.profile_mode]
-            extra = ("--threads", "--nonblocking", *mode_flags)
+            extra = ("--threads", "--nonblocking", "--subprocesses", *mode_flags)  # receivers are children
             profile_info = profiled_run(args.profile, lambda during: one_run(
                 "pacsnode", 4, 0, phantoms, scratch, args.storescp_fork, during), extra)
     finally:
