@@ -88,7 +88,7 @@ class NodeSettings(Strict):
         default=None, description="study store; default <data_dir>/store (a shared filesystem for remote workers)"
     )
     receivers: int = Field(
-        default=0, ge=0, description="processes accepting C-STORE on the port (SO_REUSEPORT); 0: one per CPU core; "
+        default=0, ge=0, description="processes accepting C-STORE from the port the node binds; 0: one per CPU core; "
                                      "1: the node receives in its own process")
     max_associations: int = Field(default=32, ge=1)
     max_associations_per_host: int = Field(
