@@ -363,14 +363,21 @@ def _reasons(settings: ExperimentSettings, pretrain: Mapping[str, Any]) -> list[
     ]
 
 
+def _spread(stat: Mapping[str, Any] | None) -> float | None:
+    """The SD over seeds behind a mean's t interval (None with fewer than two seeds)."""
+    if not stat or stat.get("low") is None or stat.get("high") is None or int(stat.get("n") or 0) < 2:
+        return None
+    n = int(stat["n"])
+    return (stat["high"] - stat["low"]) / 2 * math.sqrt(n) / float(student_t.ppf(0.975, n - 1))
+
+
 def seeds_needed(stat: Mapping[str, Any], most: int = 100) -> int | None:
     """How many seeds a 95% t interval needs to exclude 0 at this mean and this seed-to-seed spread
     (the spread read back from the interval the report gives); None where the mean is not above 0,
     the spread is unknown (one seed), or more than ``most`` would be needed."""
-    mean, low, high, n = stat.get("mean"), stat.get("low"), stat.get("high"), int(stat.get("n") or 0)
-    if mean is None or low is None or high is None or n < 2 or mean <= 0:
+    mean, spread = stat.get("mean"), _spread(stat)
+    if mean is None or spread is None or mean <= 0:
         return None
-    spread = (high - low) / 2 * math.sqrt(n) / float(student_t.ppf(0.975, n - 1))
     for k in range(2, most + 1):
         if float(student_t.ppf(0.975, k - 1)) * spread / math.sqrt(k) < mean:
             return k
@@ -383,14 +390,6 @@ def _probe_gain(probe: Mapping[str, Any] | None, task: str) -> float | None:
         return None
     random, pretrained = arms["random init"]["auc"], arms["pretrained"]["auc"]
     return None if random is None or pretrained is None else float(pretrained) - float(random)
-
-
-def _spread(stat: Mapping[str, Any] | None) -> float | None:
-    """The SD over seeds behind a mean's t interval (None with fewer than two seeds)."""
-    if not stat or stat.get("low") is None or stat.get("high") is None or int(stat.get("n") or 0) < 2:
-        return None
-    n = int(stat["n"])
-    return (stat["high"] - stat["low"]) / 2 * math.sqrt(n) / float(student_t.ppf(0.975, n - 1))
 
 
 def shortfall_lines(summary: Mapping[str, Any], probe: Mapping[str, Any] | None) -> list[str]:

@@ -16,7 +16,6 @@ written as a SEG on the source image's grid.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydicom.dataset import Dataset
 
+from node.messages import DisplayWindow
 from pretrain.augment import DEFAULT_CT_WINDOWS, NAMED_CT_WINDOWS, eval_view
 from pretrain.decode import PixelDataError, pixel_aspect, prepare_image, read_dataset, resize_square
 from pretrain.shards import decode_hu, decode_unit
@@ -46,14 +46,9 @@ __all__ = [
 MASK_THRESHOLD = 0.5
 
 
-class Window(BaseModel):
-    """A CT display window in Hounsfield units, under the name radiologists give it."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(min_length=1)
-    centre: float
-    width: float = Field(gt=0)
+class Window(DisplayWindow):
+    """A CT window in Hounsfield units, under the name radiologists give it (the fields and their
+    checks are :class:`node.messages.DisplayWindow`'s, which carries a key image's window to the node)."""
 
     @classmethod
     def named(cls, name: str) -> Window:
@@ -62,12 +57,6 @@ class Window(BaseModel):
             raise ValueError(f"unknown CT window {name!r}; known: {', '.join(NAMED_CT_WINDOWS)}")
         centre, width = NAMED_CT_WINDOWS[name]
         return cls(name=name, centre=centre, width=width)
-
-    @model_validator(mode="after")
-    def _finite(self) -> Window:
-        if not (math.isfinite(self.centre) and math.isfinite(self.width)):
-            raise ValueError(f"window {self.name!r}: centre and width must be finite")
-        return self
 
 
 UNIT_MAPPING = "robust percentiles (0.5 %, 99.5 %) to [0, 1], MONOCHROME1 inverted"

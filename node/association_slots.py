@@ -35,7 +35,6 @@ class AssociationSlots:
 
     def __init__(self, path: Path, receivers: int, receiver: int | None = None) -> None:
         self.path = path
-        self.receivers = receivers
         self.receiver = receiver
         size = receivers * (1 + BUCKETS) * _ITEM
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)

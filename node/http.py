@@ -190,9 +190,9 @@ class Guard(BaseHTTPMiddleware):
 
 def build_app(settings: Settings, metrics: NodeMetrics, health: Callable[[], dict[str, object]],
               index: StudyIndex, store: StudyStore, dicomweb: DicomWeb) -> Starlette:
-    # Patient names only behind authentication (the settings refuse them otherwise), so every view of
-    # one is in the audit log.
-    worklist = Worklist(index, store, show_patient_name=settings.http.show_patient_name and settings.http.auth != "none")
+    # Patient names only behind authentication (the settings refuse show_patient_name without it), so
+    # every view of one is in the audit log.
+    worklist = Worklist(index, store, show_patient_name=settings.http.show_patient_name)
     endpoints = Endpoints(metrics, worklist, health, Pages(settings.http.refresh_s), store)
 
     def not_found(request: Request, exc: Exception) -> Response:

@@ -716,8 +716,11 @@ class StudyIndex:
             (new.value, "; ".join(reasons), now, study_uid),
         )
         if new is StudyState.DONE and study["state"] != StudyState.DONE.value:
-            urgent = self._queue_notifications(conn, study_uid, version, now)
+            # Urgency (triage.urgent) is decided once, as the version finishes: the worklist sorts by
+            # it and the RIS notifications carry it.
+            urgent = self.is_urgent({o.pipeline: o.findings for o in self._version_outcomes(conn, study_uid, version)})
             conn.execute("UPDATE studies SET urgent=? WHERE study_uid=?", (int(urgent), study_uid))
+            self._queue_notifications(conn, study_uid, version, urgent, now)
 
     def is_urgent(self, findings_by_pipeline: Mapping[str, Mapping[str, object]]) -> bool:
         """Whether any model called one of the ``triage.urgent`` findings present."""
@@ -734,16 +737,14 @@ class StudyIndex:
         return [PipelineOutcome(row["pipeline"], json.loads(row["findings"]), json.loads(row["results"]))
                 for row in rows]
 
-    def _queue_notifications(self, conn: sqlite3.Connection, study_uid: str, version: int, now: float) -> bool:
-        """One pending notification per RIS target, in the transaction that finished the study;
-        returns whether the version is urgent (``triage.urgent``), which the worklist sorts by."""
-        urgent = self.is_urgent({o.pipeline: o.findings for o in self._version_outcomes(conn, study_uid, version)})
+    def _queue_notifications(self, conn: sqlite3.Connection, study_uid: str, version: int, urgent: bool,
+                             now: float) -> None:
+        """One pending notification per RIS target, in the transaction that finished the study."""
         conn.executemany(
             "INSERT OR IGNORE INTO notifications(study_uid, version, target, urgent, state, next_attempt_at,"
             " created_at, updated_at) VALUES (?,?,?,?,?,?,?,?)",
             [(study_uid, version, target, int(urgent), ExportState.PENDING.value, now, now, now)
              for target in self._notify])
-        return urgent
 
     # --- notification outbox ------------------------------------------------------------
 

@@ -19,7 +19,7 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from PIL import Image
-from pydicom.pixels import apply_rescale
+from pydicom.pixels import apply_rescale, pixel_array
 from scipy import ndimage
 
 from node.messages import DisplayWindow
@@ -34,14 +34,11 @@ class RenderError(ValueError):
     """The key image cannot be rendered; the message says why (shown instead of the picture)."""
 
 
-def _grey(ds: pydicom.Dataset, frame: int, window: DisplayWindow | None) -> np.ndarray:
-    """The frame as float in [0, 1], as the model saw it."""
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+def _grey(ds: pydicom.Dataset, frame: int, frames: int, window: DisplayWindow | None) -> np.ndarray:
+    """The frame as float in [0, 1], as the model saw it (only that frame is decoded)."""
     if not 1 <= frame <= frames:
         raise RenderError(f"frame {frame} is outside 1-{frames}")
-    pixels = ds.pixel_array
-    if frames > 1:
-        pixels = pixels[frame - 1]
+    pixels = pixel_array(ds, index=frame - 1) if frames > 1 else ds.pixel_array
     if pixels.ndim != 2:
         raise RenderError(f"only greyscale images are rendered, got pixel shape {pixels.shape}")
     values = apply_rescale(pixels, ds).astype(np.float64)
@@ -72,15 +69,15 @@ def render_key_image(path: Path, frame: int, window: DisplayWindow | None, seg_p
     """PNG bytes of ``frame`` (1-based) of the image at ``path``, outlines of ``seg_paths`` drawn on it."""
     try:
         ds = pydicom.dcmread(path)
-        grey = _grey(ds, frame, window)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        grey = _grey(ds, frame, frames, window)
     except (OSError, pydicom.errors.InvalidDicomError, AttributeError, NotImplementedError, RuntimeError) as exc:
         raise RenderError(f"image not readable: {type(exc).__name__}: {exc}") from exc
     rgb = np.repeat((grey * 255).round().astype(np.uint8)[..., None], 3, axis=2)
-    multi_frame = int(ds.get("NumberOfFrames", 1) or 1) > 1
     colour = 0
     for seg_path in seg_paths:
         try:
-            masks = _masks(seg_path, str(ds.SOPInstanceUID), frame, multi_frame)
+            masks = _masks(seg_path, str(ds.SOPInstanceUID), frame, frames > 1)
         except (OSError, pydicom.errors.InvalidDicomError, AttributeError) as exc:
             raise RenderError(f"segmentation not readable: {type(exc).__name__}: {exc}") from exc
         if masks.shape[:2] != grey.shape:

@@ -7,6 +7,7 @@ instead of misreading a field.
 from __future__ import annotations
 
 import enum
+import math
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -90,13 +91,20 @@ class ReportedFinding(BaseModel):
 
 
 class DisplayWindow(BaseModel):
-    """A CT window in Hounsfield units, under its radiological name: how a key image is shown."""
+    """A CT window in Hounsfield units, under its radiological name: how a model reads CT
+    (``models.preprocess.Window``) and so how a key image is shown."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1)
     centre: float
     width: float = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _finite(self) -> DisplayWindow:
+        if not (math.isfinite(self.centre) and math.isfinite(self.width)):
+            raise ValueError(f"window {self.name!r}: centre and width must be finite")
+        return self
 
 
 class KeyImage(BaseModel):

@@ -30,14 +30,12 @@ from prometheus_client import multiprocess
 from config.settings import Settings
 from node.association_slots import AssociationSlots
 from node.receiver import ReceiverSpec, is_ready
+from node.scp import NodeServer
 
 RUN_DIR = "run"
 READY_TIMEOUT_S = 30.0
 MAX_BACKOFF_S = 10.0
 WATCH_S = 0.2
-
-
-LISTEN_BACKLOG = 128
 
 
 def receiver_command(spec: Path, slot: int, listening_fd: int) -> list[str]:
@@ -76,7 +74,7 @@ class ReceiverPool:
         listening = socket.socket(family, socket.SOCK_STREAM)
         listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listening.bind((node.host, node.port))
-        listening.listen(LISTEN_BACKLOG)
+        listening.listen(NodeServer.request_queue_size)  # the in-process server's backlog
         self.port = int(listening.getsockname()[1])
         return listening
 

@@ -559,19 +559,19 @@ class Worklist:
     def key_image(self, study_uid: str, pipeline: str, number: int) -> KeyImageSource | None:
         """Key image ``number`` (0-based) that ``pipeline`` reported for the study's current version;
         None where there is no such image (or its instance is no longer stored)."""
-        detail = self.study(study_uid)
-        if detail is None:
-            return None
-        job = next((p for p in detail.study.pipelines if p.pipeline == pipeline), None)
-        if job is None or not 0 <= number < len(job.key_images):
-            return None
-        key = job.key_images[number]
         with snapshot(self._index) as conn:
-            row = conn.execute("SELECT path FROM instances WHERE sop_uid=? AND study_uid=?",
-                               (key.sop_uid, study_uid)).fetchone()
-        if row is None:
+            row = conn.execute(
+                f"SELECT {JOB_COLUMNS} FROM jobs j JOIN studies s ON s.study_uid=j.study_uid AND s.version=j.version"
+                " WHERE j.study_uid=? AND j.pipeline=?", (study_uid, pipeline)).fetchone()
+            job = PipelineResult.from_row(row) if row is not None else None
+            if job is None or not 0 <= number < len(job.key_images):
+                return None
+            key = job.key_images[number]
+            instance = conn.execute("SELECT path FROM instances WHERE sop_uid=? AND study_uid=?",
+                                    (key.sop_uid, study_uid)).fetchone()
+        if instance is None:
             return None
-        return KeyImageSource(str(row["path"]), key.frame, key.window, job.seg_paths)
+        return KeyImageSource(str(instance["path"]), key.frame, key.window, job.seg_paths)
 
     def _entry(self, row: sqlite3.Row, jobs: list[PipelineResult],
                exports: Sequence[ExportRow] | None = None) -> StudyEntry:

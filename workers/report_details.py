@@ -31,8 +31,7 @@ def key_images(outcome: StudyOutcome) -> list[KeyImage]:
     is shown in the window of the model's first input channel (brain for head CT); other images in
     the robust-percentile mapping every other input uses (``window`` None)."""
     modality = {str(ds.SOPInstanceUID): str(ds.get("Modality", "")) for ds in outcome.source_images}
-    first = outcome.card.input.ct_windows()[0]
-    window = DisplayWindow(name=first.name, centre=first.centre, width=first.width)
+    window = DisplayWindow.model_validate(outcome.card.input.ct_windows()[0].model_dump())
     by_slice: dict[tuple[str, int], list[str]] = {}
     for finding in outcome.findings:
         if finding.key_slice is not None:
