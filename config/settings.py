@@ -104,6 +104,10 @@ class NodeSettings(Strict):
         default=1024, ge=0, description="below this free space C-STORE answers 0xA700 (out of resources)"
     )
     quiet_period_s: float = Field(default=10.0, gt=0, description="a study is complete after this long without a new instance")
+    expectation_settle_s: float = Field(
+        default=2.0, ge=0,
+        description="a routing expectation completes a study only after this long without a new instance "
+                    "(the rest of a series still arriving)")
     allow_loopback: bool = Field(default=True, description="peers on 127.0.0.0/8 and ::1 need no allow-list entry")
     allowed_peers: list[PeerRule] = Field(
         default_factory=list, description="every non-loopback peer must match one entry"

@@ -56,7 +56,12 @@ class Assembler(ServiceThread):
     def _completion_reason(self, study: StudyRow, routes: list[Route], now: float) -> str | None:
         if now - study.last_instance_at >= self._settings.node.quiet_period_s:
             return "quiet period"
-        if routes and all(r.rule.expect is not None and expectation_met(r.rule.expect, r.series) for r in routes):
+        # An expectation names series, and a series arrives instance by instance: met on a series'
+        # first image, the study would complete, its model run on part of the series, and the
+        # rest reopen it. So the expectation is judged once no image came for a moment.
+        settled = now - study.last_instance_at >= self._settings.node.expectation_settle_s
+        if settled and routes and all(r.rule.expect is not None and expectation_met(r.rule.expect, r.series)
+                                      for r in routes):
             return "routing expectation met"
         expected = self._index.mpps_expected(study.study_uid)
         # Every listed instance arrived, and no image arrived that the completed steps do not

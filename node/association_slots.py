@@ -16,14 +16,14 @@ import fcntl
 import hashlib
 import mmap
 import os
+from array import array
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
-
 BUCKETS = 1021
-_ITEM = np.dtype(np.int32).itemsize
+ROW = 1 + BUCKETS  # open connections in all, then per host bucket
+_ITEM = 4
 
 
 def host_bucket(host: str) -> int:
@@ -36,7 +36,7 @@ class AssociationSlots:
     def __init__(self, path: Path, receivers: int, receiver: int | None = None) -> None:
         self.path = path
         self.receiver = receiver
-        size = receivers * (1 + BUCKETS) * _ITEM
+        size = receivers * ROW * _ITEM
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             if os.fstat(fd).st_size != size:
@@ -45,7 +45,8 @@ class AssociationSlots:
         finally:
             os.close(fd)
         self._lock_fd = os.open(path, os.O_RDWR)
-        self._rows = np.frombuffer(self._map, dtype=np.int32).reshape(receivers, 1 + BUCKETS)
+        self._receivers = receivers
+        self._cells = memoryview(self._map).cast("i")  # receivers x ROW int32, row after row
 
     @classmethod
     def create(cls, path: Path, receivers: int) -> AssociationSlots:
@@ -61,12 +62,20 @@ class AssociationSlots:
         finally:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
-    def _own(self, hosts: Iterable[str]) -> np.ndarray:
-        row = np.zeros(1 + BUCKETS, dtype=np.int32)
+    @staticmethod
+    def _own(hosts: Iterable[str]) -> list[int]:
+        row = [0] * ROW
         for host in hosts:
             row[0] += 1
             row[1 + host_bucket(host)] += 1
         return row
+
+    def _write_row(self, receiver: int, row: list[int]) -> None:
+        self._cells[receiver * ROW:(receiver + 1) * ROW] = memoryview(array("i", row))
+
+    def _column(self, column: int) -> list[int]:
+        """One cell of every receiver's row."""
+        return [self._cells[receiver * ROW + column] for receiver in range(self._receivers)]
 
     def admit(self, host: str, held: Iterable[str], max_per_host: int) -> bool:
         """Take a slot for a new connection from ``host`` if the node-wide per-host limit allows;
@@ -77,10 +86,10 @@ class AssociationSlots:
         mine = self._own([*held, host])
         bucket = 1 + host_bucket(host)
         with self._locked():
-            others = np.delete(self._rows, self.receiver, axis=0)
-            if int(others[:, bucket].sum()) + int(mine[bucket]) > max_per_host:
+            in_bucket = self._column(bucket)
+            if sum(in_bucket) - in_bucket[self.receiver] + mine[bucket] > max_per_host:
                 return False
-            self._rows[self.receiver] = mine
+            self._write_row(self.receiver, mine)
         return True
 
     def publish(self, held: Iterable[str]) -> None:
@@ -88,23 +97,30 @@ class AssociationSlots:
         assert self.receiver is not None, "only a receiver publishes"
         mine = self._own(held)
         with self._locked():
-            self._rows[self.receiver] = mine
+            self._write_row(self.receiver, mine)
 
     def clear(self, receiver: int) -> None:
         """Free what a receiver that died held (the node, before it starts the replacement)."""
         with self._locked():
-            self._rows[receiver] = 0
+            self._write_row(receiver, [0] * ROW)
 
     def connections(self) -> int:
         """Open connections over all receivers."""
         with self._locked():
-            return int(self._rows[:, 0].sum())
+            return sum(self._column(0))
+
+    def has_fewest(self) -> bool:
+        """Whether this receiver holds no more connections than any other (read without the lock:
+        a hint for spreading connections, not a limit)."""
+        assert self.receiver is not None, "only a receiver asks"
+        totals = self._column(0)
+        return totals[self.receiver] <= min(totals)
 
     def held_by(self, receiver: int) -> int:
         with self._locked():
-            return int(self._rows[receiver, 0])
+            return int(self._cells[receiver * ROW])
 
     def close(self) -> None:
         os.close(self._lock_fd)
-        del self._rows
+        self._cells.release()
         self._map.close()

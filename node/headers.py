@@ -7,12 +7,16 @@ loop detection.
 from __future__ import annotations
 
 import enum
+import zlib
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
+from pydicom.tag import BaseTag
+from pydicom.uid import UID
 
 from node.store import InstanceKey
 
@@ -28,7 +32,8 @@ NON_IMAGE_SOP_CLASS_PREFIXES: tuple[str, ...] = (
     "1.2.840.10008.5.1.4.1.1.9.",  # waveforms
     "1.2.840.10008.5.1.4.1.1.7.",  # multi-frame secondary captures
 )
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # incl. our own summary images
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float, Double Float, Pixel Data  # incl. our own summary images
 
 PROCESSING_ALGORITHM_CODE = "Newcode1"  # IHE AIR purpose of reference "Processing Algorithm"
 
@@ -112,20 +117,56 @@ def classify(ds: Dataset, uid_root: str, manufacturer: str) -> InstanceKind:
 
 
 def read_header(encoded: bytes, uid_root: str, manufacturer: str) -> InstanceHeader:
-    """Parse the header of a DICOM file held in memory (preamble + file meta + dataset).
+    """Parse the header of a DICOM file held in memory (preamble + file meta + dataset): a STOW-RS part.
 
     Raises ``UnreadableDataset`` when it does not parse, ``InvalidUID`` (naming the attribute)
     when a placing UID is missing or malformed.
     """
     try:
         ds = pydicom.dcmread(BytesIO(encoded), stop_before_pixels=True)
+        transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    except Exception as exc:  # hostile bytes: see _header_of
+        raise UnreadableDataset(f"dataset does not parse: {type(exc).__name__}") from exc
+    return _header_of(ds, transfer_syntax, uid_root, manufacturer)
+
+
+def read_received_header(encoded: bytes, dataset_offset: int, transfer_syntax: str, uid_root: str,
+                         manufacturer: str) -> InstanceHeader:
+    """Parse the header of a C-STORE's data set, which starts at ``dataset_offset`` of ``encoded``
+    (behind the file meta the node built itself), in the presentation context's transfer syntax.
+
+    Half the cost of ``read_header`` on a CT slice: the file meta is not parsed again. A private
+    transfer syntax goes through ``read_header``, where pydicom decides as it always does.
+    """
+    syntax = UID(transfer_syntax)
+    if not syntax.is_transfer_syntax:
+        return read_header(encoded, uid_root, manufacturer)
+    try:
+        if syntax.is_deflated:
+            source = BytesIO(zlib.decompress(encoded[dataset_offset:], -zlib.MAX_WBITS))
+        else:
+            source = BytesIO(encoded)  # shares the bytes, no copy
+            source.seek(dataset_offset)
+        ds = read_dataset(source, syntax.is_implicit_VR, syntax.is_little_endian, stop_when=_at_pixel_data)
+    except Exception as exc:  # hostile bytes: see _header_of
+        raise UnreadableDataset(f"dataset does not parse: {type(exc).__name__}") from exc
+    return _header_of(ds, transfer_syntax, uid_root, manufacturer)
+
+
+def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
+    """Where pydicom's ``stop_before_pixels`` stops: (Float/Double Float) Pixel Data."""
+    return tag in PIXEL_DATA_TAGS
+
+
+def _header_of(ds: Dataset, transfer_syntax: str, uid_root: str, manufacturer: str) -> InstanceHeader:
+    try:
         study_uid = ds.get("StudyInstanceUID")
         series_uid = ds.get("SeriesInstanceUID")
         sop_uid = ds.get("SOPInstanceUID")
         kind = classify(ds, uid_root, manufacturer)
         attributes: dict[str, Any] = {
             "sop_class_uid": _text(ds, "SOPClassUID"),
-            "transfer_syntax_uid": str(ds.file_meta.get("TransferSyntaxUID", "")),
+            "transfer_syntax_uid": transfer_syntax,
             "modality": _text(ds, "Modality"),
             "body_part": _text(ds, "BodyPartExamined"),
             "image_type": _text(ds, "ImageType"),

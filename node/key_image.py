@@ -15,12 +15,10 @@ import io
 from collections.abc import Sequence
 from pathlib import Path
 
-import highdicom as hd
 import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.pixels import apply_rescale, pixel_array
-from scipy import ndimage
 
 from node.messages import DisplayWindow
 
@@ -28,6 +26,13 @@ MIN_SIDE = 384  # px: enlarged to at least this, by a whole factor
 PERCENTILES = (0.5, 99.5)
 # One colour per segment (lesion), repeating; chosen to stand out on grey.
 OUTLINE_COLOURS = ((255, 64, 64), (255, 200, 0), (0, 200, 255), (120, 255, 80), (255, 100, 255))
+
+
+def _eroded(mask: np.ndarray) -> np.ndarray:
+    """Binary erosion by the 4-neighbour cross, outside the image counted as background: what
+    ``scipy.ndimage.binary_erosion`` does by default, without importing scipy into the node."""
+    padded = np.pad(mask, 1)
+    return mask & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
 
 
 class RenderError(ValueError):
@@ -52,6 +57,8 @@ def _grey(ds: pydicom.Dataset, frame: int, frames: int, window: DisplayWindow | 
 def _masks(seg_path: Path, sop_uid: str, frame: int, multi_frame: bool) -> np.ndarray:
     """(rows, columns, segments) masks of one SEG on the source frame; no segment where the SEG does
     not cover it."""
+    import highdicom as hd  # here, not at the top: 20 MB of the node's memory, for study pages with a SEG only
+
     seg = hd.seg.segread(seg_path)
     try:
         if multi_frame:
@@ -84,7 +91,7 @@ def render_key_image(path: Path, frame: int, window: DisplayWindow | None, seg_p
             continue
         for k in range(masks.shape[2]):
             inside = masks[..., k]
-            outline = inside & ~ndimage.binary_erosion(inside)
+            outline = inside & ~_eroded(inside)
             rgb[outline] = OUTLINE_COLOURS[colour % len(OUTLINE_COLOURS)]
             colour += 1
     factor = max(1, -(-MIN_SIDE // max(rgb.shape[:2])))

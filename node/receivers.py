@@ -2,8 +2,9 @@
 
 Why processes: C-STORE handling is Python (pynetdicom, the header read, the writes), so one
 process cannot use a second core. The node binds and listens on the port and hands the socket
-down to every receiver (a pre-forked accept): the kernel gives each new connection to one of the
-receivers waiting in accept, so idle ones take more; each runs :mod:`node.receiver`. The node stays the one
+down to every receiver (a pre-forked accept): every receiver is woken for a new connection, and
+the one holding the fewest connections takes it (``node.scp.AcceptTurn``); each runs
+:mod:`node.receiver`. The node stays the one
 owner of everything else (assembly, dispatch, exports), which reads what the receivers committed
 to the index.
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
+from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
 
@@ -32,8 +33,10 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated at
 from pynetdicom.transport import ThreadedAssociationServer
 
 from config.settings import NodeSettings
+from node.acceptor import IngestRequestHandler
 from node.association_slots import AssociationSlots
-from node.headers import InstanceHeader, InstanceKind, UnreadableDataset, read_header
+from node.file_meta import part10_prefix
+from node.headers import InstanceHeader, InstanceKind, UnreadableDataset, read_header, read_received_header
 from node.index import IngestChange, Received, StudyIndex
 from node.ingest import INGEST_ERRORS, IngestWriter
 from node.metrics import ReceiverMetrics
@@ -295,6 +298,14 @@ class FreeSpaceGauge:
 
 
 @dataclass(frozen=True)
+class DataSetAt:
+    """Where a received data set starts in its Part 10 bytes, and its transfer syntax."""
+
+    offset: int
+    transfer_syntax: str
+
+
+@dataclass(frozen=True)
 class Stored:
     """What storing one instance came to: its DICOM status, its header where it could be read, and
     why it failed (for STOW-RS's FailedSOPSequence and the logs)."""
@@ -375,21 +386,35 @@ class StorageSCP:
         return SUCCESS
 
     def on_store(self, event: Event) -> int:
-        """Store one instance durably, exactly as received, and index it."""
-        request = cast(C_STORE, event.request)
-        return self.store_encoded(event.encoded_dataset(), str(event.assoc.requestor.ae_title).strip(),
-                                  (str(request.AffectedSOPInstanceUID), str(request.AffectedSOPClassUID))).status
+        """Store one instance durably, exactly as received, and index it.
 
-    def store_encoded(self, encoded: bytes, peer: str, announced: tuple[str, str] | None = None) -> Stored:
+        The same bytes as ``event.encoded_dataset()``, with the file meta from a cached template
+        (``node.file_meta``), and the header read from the data set in the context's transfer
+        syntax, without parsing that file meta again."""
+        request = cast(C_STORE, event.request)
+        sop_uid, sop_class = str(request.AffectedSOPInstanceUID), str(request.AffectedSOPClassUID)
+        transfer_syntax = str(event.context.transfer_syntax)
+        prefix = part10_prefix(sop_class, sop_uid, transfer_syntax)
+        encoded = prefix + cast(BytesIO, request.DataSet).getvalue()
+        return self.store_encoded(encoded, str(event.assoc.requestor.ae_title).strip(), (sop_uid, sop_class),
+                                  DataSetAt(len(prefix), transfer_syntax)).status
+
+    def store_encoded(self, encoded: bytes, peer: str, announced: tuple[str, str] | None = None,
+                      data_set_at: DataSetAt | None = None) -> Stored:
         """Store one Part 10 instance durably, as received, and index it: the C-STORE and the STOW-RS
         path alike. ``announced``: the (SOP Instance UID, SOP Class UID) the request named, which
-        the data set must match (a STOW-RS part announces none)."""
+        the data set must match (a STOW-RS part announces none). ``data_set_at``: where the data
+        set starts and its transfer syntax, when the node built the file meta itself."""
         if not self.free_space.enough():
             self.metrics.instances.labels(outcome="disk_full").inc()
             self.log.error("store refused: free disk below watermark", peer=peer)
             return Stored(OUT_OF_RESOURCES_DISK, None, "free disk below the watermark")
         try:
-            header = read_header(encoded, self.settings.uid_root, self.settings.manufacturer)
+            if data_set_at is None:
+                header = read_header(encoded, self.settings.uid_root, self.settings.manufacturer)
+            else:
+                header = read_received_header(encoded, data_set_at.offset, data_set_at.transfer_syntax,
+                                              self.settings.uid_root, self.settings.manufacturer)
         except UnreadableDataset as exc:
             return self._refuse(encoded, CANNOT_UNDERSTAND, str(exc), peer)
         except InvalidUID as exc:
@@ -538,6 +563,9 @@ def tls_context(settings: NodeSettings) -> ssl.SSLContext | None:
 def build_ae(settings: NodeSettings) -> AE:
     """An AE that accepts verification, MPPS and any storage SOP class in any transfer syntax."""
     _config.UNRESTRICTED_STORAGE_SERVICE = True  # pynetdicom's switch: accept unknown/private storage classes
+    # pynetdicom's own handlers describe every PDU and DIMSE message (DEBUG/INFO lines, about 5%
+    # of the CPU an instance costs); the node logs its own events, with UIDs only.
+    _config.LOG_HANDLER_LEVEL = "none"
     ae = AE(ae_title=settings.ae_title)
     ae.require_called_aet = True
     ae.maximum_associations = settings.max_associations
@@ -551,6 +579,34 @@ def build_ae(settings: NodeSettings) -> AE:
     return ae
 
 
+ACCEPT_DEFER_S = 0.002  # a receiver with more connections than a sibling waits this long, then looks again
+ACCEPT_DEFER_MAX_S = 0.02  # ... and accepts anyway after this long (the sibling may be stuck or restarting)
+
+
+class AcceptTurn:
+    """Whether this receiver should accept the connection waiting now: only when it holds no more
+    connections than any sibling, or when the siblings left it waiting ``ACCEPT_DEFER_MAX_S``.
+
+    Every receiver is woken for a new connection and the first to call accept() wins, which is
+    not the least busy one: 4 connections over 2 receivers went 3 + 1 in about one run in
+    three, and the receiver with 3 then ran at its one core's limit while the other idled."""
+
+    def __init__(self, slots: AssociationSlots) -> None:
+        self._slots = slots
+        self._waiting_since: float | None = None
+        self._last_look = 0.0
+
+    def mine(self) -> bool:
+        now = time.monotonic()
+        if self._slots.has_fewest():
+            self._waiting_since = None
+            return True
+        if self._waiting_since is None or now - self._last_look > 5 * ACCEPT_DEFER_S:
+            self._waiting_since = now  # a new connection (the last one was taken by a sibling)
+        self._last_look = now
+        return now - self._waiting_since >= ACCEPT_DEFER_MAX_S
+
+
 def receiver_server(slots: AssociationSlots, listening_fd: int) -> type[NodeServer]:
     """The server class of a receiver process: it accepts from the listening socket the node bound
     and handed down (``listening_fd``), beside the node's other receivers, and counts the
@@ -561,12 +617,20 @@ def receiver_server(slots: AssociationSlots, listening_fd: int) -> type[NodeServ
     SO_REUSEPORT spreads connections by a hash of their addresses (four connections land all on
     one of two receivers one time in eight, and half the time three on one). The socket is
     non-blocking: every receiver is woken for a connection, one accepts it, the others' accept
-    fails (EAGAIN) and their loop goes on."""
+    fails (EAGAIN) and their loop goes on. A receiver holding more connections than a sibling
+    leaves the connection to it (:class:`AcceptTurn`)."""
 
     class ReceiverServer(NodeServer):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.slots = slots
+            self._turn = AcceptTurn(slots)
+
+        def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
+            if not self._turn.mine():
+                time.sleep(ACCEPT_DEFER_S)
+                raise BlockingIOError("left to a receiver with fewer connections")  # socketserver skips it
+            return super().get_request()
 
         def server_bind(self) -> None:
             assert self.socket is not None
@@ -577,6 +641,15 @@ def receiver_server(slots: AssociationSlots, listening_fd: int) -> type[NodeServ
 
         def server_activate(self) -> None:
             """Listening already: the node did it."""
+
+        def server_close(self) -> None:
+            """Close this process's descriptor only. pynetdicom's ``server_close`` first calls
+            shutdown(SHUT_RDWR), which on the one listening socket the node and every receiver
+            share ends listening for all of them: after one receiver stopped (SIGTERM), its
+            replacement and its siblings found accept() failing with EINVAL, spun on it, and the
+            port took no more connections."""
+            assert self.socket is not None
+            self.socket.close()
 
     return ReceiverServer
 
@@ -590,6 +663,7 @@ def start_scp(settings: NodeSettings, scp: StorageSCP, server_class: type[NodeSe
         ssl_context=tls_context(settings),
         evt_handlers=scp.handlers(),
         server_class=server_class,
+        request_handler=IngestRequestHandler,
     )
     assert isinstance(server, NodeServer)
     server.per_host_limit = settings.max_associations_per_host

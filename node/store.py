@@ -3,7 +3,7 @@
 Layout: ``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``. Only values that
 pass the UID grammar become path parts, so no dataset can name a path outside the store.
 Writes go to a temp file in ``<root>/.incoming`` (same filesystem), are fsynced and renamed
-into place; the caller fsyncs the parent folders (batched, see ``sync_dirs``) before it answers
+into place; the caller fsyncs the folders whose entries changed (batched, see ``sync_dirs``) before it answers
 success.
 """
 
@@ -13,6 +13,7 @@ import enum
 import os
 import secrets
 import shutil
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from pathlib import Path
 from node.uids import InvalidUID, is_valid_uid
 
 INCOMING = ".incoming"
+DURABLE_ENTRIES_KEPT = 100_000  # folders remembered as durable (series and studies); then forgotten
 QUARANTINE = ".quarantine"
 
 
@@ -60,6 +62,8 @@ class StudyStore:
         self._fsync = fsync
         self.incoming = root / INCOMING
         self.quarantine = root / QUARANTINE
+        self._durable_entries: set[tuple[str, int]] = set()  # (folder, inode) whose entry is fsynced
+        self._durable_lock = threading.Lock()
         for folder in (self.root, self.incoming, self.quarantine):
             folder.mkdir(parents=True, exist_ok=True)
 
@@ -138,19 +142,47 @@ class StudyStore:
         target.with_suffix(".reason").write_text(reason + "\n")
         return target
 
-    @staticmethod
-    def touched_dirs(path: Path) -> list[Path]:
-        """Folders whose entries a write to ``path`` created or changed (series, study, root)."""
-        return [path.parent, path.parent.parent, path.parent.parent.parent]
+    def touched_dirs(self, path: Path) -> list[Path]:
+        """Folders to fsync so that a file just placed at ``path`` keeps its name after a crash: its
+        own folder (the new entry), and each folder above it, up to two levels (study, store
+        root), whose entry for the folder below is not yet known durable.
+
+        Each fsync costs a disk cache flush (about 3 ms here) even on an unchanged folder, so
+        folders are fsynced once per series and study, not for every instance. "Known durable" is
+        kept per (path, inode) by this process after it fsynced the parent itself: a folder
+        another receiver made, or one retired and made again, is fsynced here once more.
+        """
+        folders = [path.parent]
+        child = path.parent
+        for _ in range(2):
+            if self._entry_durable(child):
+                break
+            folders.append(child.parent)
+            child = child.parent
+        return folders
+
+    def _entry_durable(self, folder: Path) -> bool:
+        inode = _inode(folder)
+        with self._durable_lock:
+            return inode is not None and (str(folder), inode) in self._durable_entries
 
     def sync_dirs(self, folders: set[Path]) -> None:
-        """fsync each folder once; called for a batch of writes (group commit)."""
+        """fsync each folder once (deepest first); called for a batch of writes (group commit).
+        Afterwards the entries of the folders below them are known durable."""
         for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
             fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
             try:
                 self._fsync(fd)
             finally:
                 os.close(fd)
+        # touched_dirs gives a chain (series, study, root): each folder whose parent was fsynced
+        # along with it has a durable entry now.
+        durable = [(str(folder), inode) for folder in folders
+                   if folder.parent in folders and (inode := _inode(folder)) is not None]
+        with self._durable_lock:
+            if len(self._durable_entries) + len(durable) > DURABLE_ENTRIES_KEPT:
+                self._durable_entries.clear()  # forgetting only costs an fsync more
+            self._durable_entries.update(durable)
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.root).free
@@ -178,3 +210,11 @@ class StudyStore:
         freed = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         shutil.rmtree(folder, ignore_errors=True)
         return freed
+
+
+def _inode(path: Path) -> int | None:
+    """The inode number of ``path``; None once it is gone (retired meanwhile)."""
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None

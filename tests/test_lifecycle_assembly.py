@@ -140,7 +140,9 @@ def test_routing_expectations_complete_a_study_before_the_quiet_period(start_nod
     time.sleep(1.0)
     assert state_of(node.index, ct_uid) == "receiving"  # no expectation: still waiting
     assert state_of(node.index, mr_uid) == "receiving"  # T1 arrived, T2 still expected
-    f.send(t2, tmp_path / "b", node.dicom_port)
+    for number, ds in enumerate(t2):  # the T2 series arrives image by image: one job, on all of it
+        f.send([ds], tmp_path / f"b{number}", node.dicom_port)
+        time.sleep(0.4)
     assert wait_until(lambda: state_of(node.index, mr_uid) == "complete", timeout=5)
     assert [j.pipeline for j in node.index.jobs_of(mr_uid)] == ["mr-metastasis"]
     assert state_of(node.index, ct_uid) == "receiving"

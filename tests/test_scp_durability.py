@@ -34,6 +34,7 @@ from test_scp_support import (
 
 from node.scp import INVALID_UID, OUT_OF_RESOURCES_DISK, OUT_OF_RESOURCES_WRITE, SUCCESS
 from node.service import Node
+from node.store import InstanceKey, StudyStore
 
 CT = PYDICOM_TEST_FILES / "CT_small.dcm"
 
@@ -283,3 +284,29 @@ def test_ingest_writer_survives_a_batch_that_raises(tmp_path: Path) -> None:
         assert good.result(timeout=10) is IngestChange.NEW
     finally:
         writer.stop()
+
+
+def _synced_dirs(fsync: GatedFsync, store: StudyStore, key: InstanceKey) -> list[Path]:
+    """The folders fsynced for one instance written and group-committed as the ingest writer does."""
+    before = len(fsync.calls)
+    _, path = store.write(key, CT.read_bytes())
+    store.sync_dirs(set(store.touched_dirs(path)))
+    return sorted((Path(p) for kind, p in fsync.calls[before:] if kind == "dir"), key=lambda p: len(p.parts))
+
+
+def test_folders_are_fsynced_once_per_series_and_again_where_made_anew(tmp_path: Path) -> None:
+    """Each folder fsync costs a disk flush: the store's root and a study's folder are fsynced when
+    an entry in them is new to this process, the series folder for every new file."""
+    fsync = GatedFsync()
+    store = StudyStore(tmp_path / "store", fsync=fsync)
+    root = store.root.resolve()
+    study, series = root / "1.2.3", root / "1.2.3" / "1.2.3.4"
+    assert _synced_dirs(fsync, store, InstanceKey("1.2.3", "1.2.3.4", "1.2.3.4.1")) == [root, study, series]
+    assert _synced_dirs(fsync, store, InstanceKey("1.2.3", "1.2.3.4", "1.2.3.4.2")) == [series]
+    assert _synced_dirs(fsync, store, InstanceKey("1.2.3", "1.2.3.5", "1.2.3.5.1")) == [study, study / "1.2.3.5"]
+    # Another receiver process knows none of this: it fsyncs the whole chain once.
+    other = StudyStore(tmp_path / "store", fsync=fsync)
+    assert _synced_dirs(fsync, other, InstanceKey("1.2.3", "1.2.3.4", "1.2.3.4.3")) == [root, study, series]
+    # A study retired and received again is a new folder: its entry in the root is fsynced again.
+    store.retire_study("1.2.3")
+    assert _synced_dirs(fsync, store, InstanceKey("1.2.3", "1.2.3.4", "1.2.3.4.4")) == [root, study, series]

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import PYDICOM_TEST_FILES, make_settings, wait_until
 from test_scp_support import (
+    associate_rq_pdu,
     closed_by_peer,
     connect_from,
     echo,
@@ -61,27 +62,6 @@ def _good_peer_is_served_promptly(node: Node) -> None:
     assert took < PROMPT_S, f"a good peer's C-ECHO took {took:.2f} s"
 
 
-def _associate_rq_pdu(called: str = "PACSNODE", calling: str = "RAWPEER") -> bytes:
-    """A well-formed A-ASSOCIATE-RQ PDU proposing Verification, built with pynetdicom's encoder."""
-    from pynetdicom.pdu import A_ASSOCIATE_RQ
-    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
-    from pynetdicom.presentation import build_context
-
-    primitive = A_ASSOCIATE()
-    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
-    primitive.calling_ae_title = calling
-    primitive.called_ae_title = called
-    context = build_context("1.2.840.10008.1.1", ["1.2.840.10008.1.2"])
-    context.context_id = 1
-    primitive.presentation_context_definition_list = [context]
-    max_length = MaximumLengthNotification()
-    max_length.maximum_length_received = 16382
-    primitive.user_information = [max_length]
-    pdu = A_ASSOCIATE_RQ()
-    pdu.from_primitive(primitive)
-    return bytes(pdu.encode())
-
-
 @pytest.mark.parametrize("garbage", [
     b"GET / HTTP/1.1\r\nHost: pacsnode\r\n\r\n",
     os.urandom(4096),
@@ -109,7 +89,7 @@ def test_absurd_pdu_length_then_silence_is_cut_off(node: Node, sockets: list[soc
 
 
 def test_pdu_stalled_halfway_is_cut_off(node: Node, sockets: list[socket.socket]) -> None:
-    pdu = _associate_rq_pdu()
+    pdu = associate_rq_pdu()
     sock = connect_from("127.0.0.1", node.dicom_port, BAD_HOST)
     sockets.append(sock)
     sock.sendall(pdu[: len(pdu) // 2])
@@ -129,7 +109,7 @@ def test_a_raw_association_request_is_answered(node: Node, sockets: list[socket.
     """Sanity check of the raw PDU used above: sent whole, the node accepts it (A-ASSOCIATE-AC)."""
     sock = connect_from("127.0.0.1", node.dicom_port)
     sockets.append(sock)
-    sock.sendall(_associate_rq_pdu())
+    sock.sendall(associate_rq_pdu())
     assert sock.recv(1) == b"\x02"
 
 
@@ -258,7 +238,7 @@ def test_dead_connections_free_their_slots_at_once(start_node: Callable[..., Nod
     them left open by the peer; 20 send half an A-ASSOCIATE-RQ and close (pynetdicom's state
     machine sees these); 20 close at once with nothing sent."""
     node = start_node(make_settings(tmp_path))
-    half_request = _associate_rq_pdu()[:40]
+    half_request = associate_rq_pdu()[:40]
     for index in range(70):
         sock = connect_from("127.0.0.1", node.dicom_port)
         try:

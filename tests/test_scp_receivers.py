@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -22,12 +23,12 @@ import pytest
 from conftest import make_settings, wait_until
 from lifecycle_support import cli_env, rows, stop_process
 from pynetdicom import AE
-from test_scp_support import NODE_AE, dcmtk, echo, metric, scu
+from test_scp_support import NODE_AE, associate_rq_pdu, dcmtk, echo, metric, scu
 
 from node.association_slots import AssociationSlots
 from node.child_process import pacsnode_command
 from node.receiver import is_ready
-from node.scp import SUCCESS
+from node.scp import SUCCESS, build_ae, receiver_server
 from node.service import Node
 
 CT_IMAGE = f.CT_IMAGE
@@ -97,6 +98,24 @@ def test_limits_hold_over_all_receivers(start_node: Callable[..., Node], tmp_pat
     # Released: the slots are free again over both receivers.
     assert wait_until(lambda: slots.connections() == 0, timeout=5)
     assert echo(node.dicom_port) == SUCCESS
+
+
+def test_connections_are_spread_evenly_over_the_receivers(start_node: Callable[..., Node], tmp_path: Path) -> None:
+    """Four connections at once, eight times: each receiver takes two. (Whichever receiver called
+    accept() first used to win: 3 + 1 in about one burst in three.)"""
+    node = _two(start_node, tmp_path)
+    slots = _slots(node)
+    for _ in range(8):
+        sockets = [socket.create_connection(("127.0.0.1", node.dicom_port), timeout=10) for _ in range(4)]
+        try:
+            for sock in sockets:
+                sock.sendall(associate_rq_pdu())
+            assert all(sock.recv(1) == b"\x02" for sock in sockets), "an association was not accepted"
+            assert [slots.held_by(0), slots.held_by(1)] == [2, 2]
+        finally:
+            for sock in sockets:
+                sock.close()
+        assert wait_until(lambda: slots.connections() == 0, timeout=10)
 
 
 def test_the_node_wide_association_limit_is_an_a_associate_rj(start_node: Callable[..., Node],
@@ -246,6 +265,25 @@ def test_a_receiver_killed_under_load_loses_nothing_acknowledged_and_is_replaced
     on_disk = {p.stem for p in node.store.root.rglob("*.dcm")}
     assert acknowledged <= on_disk
     assert echo(node.dicom_port) == SUCCESS
+
+
+def test_a_receiver_server_closing_leaves_the_shared_socket_listening(tmp_path: Path) -> None:
+    """A receiver's server closes only its own descriptor of the listening socket the node and all
+    receivers share: pynetdicom's server_close calls shutdown(SHUT_RDWR) first, which would end
+    listening for every process (accept() then fails with EINVAL in all of them)."""
+    listening = socket.create_server(("127.0.0.1", 0))
+    port = listening.getsockname()[1]
+    settings = make_settings(tmp_path, node={"port": port}).node
+    slots = AssociationSlots.create(tmp_path / "slots", 2)
+    server = build_ae(settings).make_server(
+        ("127.0.0.1", port), ae_title=settings.ae_title,
+        server_class=receiver_server(AssociationSlots(slots.path, 2, 0), os.dup(listening.fileno())))
+    server.server_close()
+    listening.settimeout(5)
+    with socket.create_connection(("127.0.0.1", port), timeout=5):
+        accepted, _ = listening.accept()  # still listening
+        accepted.close()
+    listening.close()
 
 
 def test_a_killed_node_leaves_no_receiver_serving_and_a_restarted_one_binds(

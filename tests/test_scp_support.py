@@ -225,3 +225,24 @@ def metric(port: int, name: str, **labels: str) -> float:
         if match and match.group(1) == name and ",".join(sorted((match.group(2) or "").split(","))) == wanted:
             return float(match.group(3))
     return 0.0
+
+
+def associate_rq_pdu(called: str = "PACSNODE", calling: str = "RAWPEER") -> bytes:
+    """A well-formed A-ASSOCIATE-RQ PDU proposing Verification, built with pynetdicom's encoder."""
+    from pynetdicom.pdu import A_ASSOCIATE_RQ
+    from pynetdicom.pdu_primitives import A_ASSOCIATE, MaximumLengthNotification
+    from pynetdicom.presentation import build_context
+
+    primitive = A_ASSOCIATE()
+    primitive.application_context_name = "1.2.840.10008.3.1.1.1"
+    primitive.calling_ae_title = calling
+    primitive.called_ae_title = called
+    context = build_context("1.2.840.10008.1.1", ["1.2.840.10008.1.2"])
+    context.context_id = 1
+    primitive.presentation_context_definition_list = [context]
+    max_length = MaximumLengthNotification()
+    max_length.maximum_length_received = 16382
+    primitive.user_information = [max_length]
+    pdu = A_ASSOCIATE_RQ()
+    pdu.from_primitive(primitive)
+    return bytes(pdu.encode())

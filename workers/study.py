@@ -116,7 +116,7 @@ class StudyProcessor:
                 # the first stays authoritative, it may already be at a destination.
                 path.unlink(missing_ok=True)
                 path = self._store.path_of(key)
-            folders.update(StudyStore.touched_dirs(path))
+            folders.update(self._store.touched_dirs(path))
             written.append(ResultFile(path=str(key.relative_path), sop_uid=key.sop_uid,
                                       sop_class_uid=str(ds.SOPClassUID), kind=kind))
         self._store.sync_dirs(folders)
