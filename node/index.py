@@ -324,6 +324,7 @@ def job_id_for(study_uid: str, version: int, pipeline: str) -> str:
 class WriterTurns:
     """One writer at a time over all the node's processes, queued by ``flock(2)`` on
     ``<index>.writer`` (and a thread lock, since flock is held per open file, not per thread).
+    Re-entrant in the thread that holds the turn.
 
     SQLite alone would do it with its busy handler, which sleeps 1, 2, 5, 10... ms between tries:
     with two receivers committing a few hundred times a second, a writer slept several ms past a
@@ -331,16 +332,21 @@ class WriterTurns:
 
     def __init__(self, path: Path) -> None:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._depth = 0
 
     @contextmanager
     def turn(self) -> Iterator[None]:
         with self._lock:
-            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            if self._depth == 0:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            self._depth += 1
             try:
                 yield
             finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                self._depth -= 1
+                if self._depth == 0:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
 
 
 class StudyIndex:
@@ -358,7 +364,7 @@ class StudyIndex:
         self._urgent = tuple(urgent)
         path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._turns = WriterTurns(path.with_name(path.name + ".writer"))
+        self.turns = WriterTurns(path.with_name(path.name + ".writer"))
         conn = self._connection()
         conn.executescript(SCHEMA)
         for table, column, definition in ADDED_COLUMNS:
@@ -387,7 +393,7 @@ class StudyIndex:
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT: one writer at a time, durable on return."""
         conn = self._connection()
-        with self._turns.turn():
+        with self.turns.turn():
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn

@@ -1,10 +1,11 @@
-"""Group commit: many C-STORE threads, one writer that makes their instances durable together.
+"""Group commit: many C-STORE threads, one writer that indexes their instances together.
 
-Each association thread writes and fsyncs its own file (``StudyStore.write``), then hands the
-instance to this writer and waits. The writer takes everything queued meanwhile, fsyncs the
-touched folders once and indexes the batch in one SQLite commit, then releases the waiting
-threads, which only then answer success. Under load the folder fsyncs and the index commit are
-shared by several instances instead of paid by each.
+Each association thread writes and fsyncs its own file and the folders whose entries changed
+(``StudyStore.write``, ``sync_dirs``; the filesystem's journal merges fsyncs that run at once),
+then hands the instance to this writer and waits. The writer waits for its turn at the index
+(the node's receivers take turns), takes everything queued by then and indexes it in one SQLite
+commit, then releases the waiting threads, which only then answer success. Under load one
+commit (one disk flush) serves several instances, and the busier the index, the larger the batch.
 """
 
 from __future__ import annotations
@@ -14,12 +15,10 @@ import sqlite3
 import threading
 import time
 from concurrent.futures import Future
-from pathlib import Path
 
 import structlog
 
 from node.index import IngestChange, Received, StudyIndex
-from node.store import StudyStore
 
 MAX_BATCH = 64
 # What indexing a batch can raise: I/O and SQLite errors, and values SQLite cannot bind
@@ -30,8 +29,7 @@ INGEST_ERRORS = (OSError, sqlite3.Error, OverflowError, ValueError, TypeError)
 class IngestWriter:
     """Owns the thread that commits received instances to the index in batches."""
 
-    def __init__(self, store: StudyStore, index: StudyIndex) -> None:
-        self._store = store
+    def __init__(self, index: StudyIndex) -> None:
         self._index = index
         self._queue: queue.Queue[tuple[Received, Future[IngestChange]] | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="ingest-writer", daemon=True)
@@ -49,10 +47,9 @@ class IngestWriter:
         self._queue.put((item, future))
         return future
 
-    def _take_batch(self) -> tuple[list[tuple[Received, Future[IngestChange]]], bool]:
-        first = self._queue.get()
-        if first is None:
-            return [], True
+    def _take_batch(self, first: tuple[Received, Future[IngestChange]]) -> tuple[
+            list[tuple[Received, Future[IngestChange]]], bool]:
+        """``first`` and whatever else is queued now (up to ``MAX_BATCH``); whether a stop came."""
         batch = [first]
         stopping = False
         while len(batch) < MAX_BATCH:
@@ -69,15 +66,14 @@ class IngestWriter:
     def _run(self) -> None:
         stopping = False
         while not stopping:
-            batch, stopping = self._take_batch()
-            if not batch:
-                continue
-            folders: set[Path] = set()
-            for item, _ in batch:
-                folders.update(self._store.touched_dirs(item.absolute))
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
             try:
-                self._store.sync_dirs(folders)
-                changes = self._index.record_instances([item for item, _ in batch], time.time())
+                with self._index.turns.turn():  # what arrives while waiting joins this batch
+                    batch, stopping = self._take_batch(first)
+                    changes = self._index.record_instances([item for item, _ in batch], time.time())
             except INGEST_ERRORS as exc:
                 # This thread must survive what one batch raises, or every later C-STORE waits
                 # for a writer that is gone and the node can no longer store.

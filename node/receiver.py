@@ -82,7 +82,7 @@ def serve(spec: ReceiverSpec, slot: int, listening_fd: int) -> None:
     configure_logging(spec.logging)
     store = StudyStore(spec.node.store_path)
     index = StudyIndex(spec.node.index_path)
-    writer = IngestWriter(store, index)
+    writer = IngestWriter(index)
     writer.start()
     scp = StorageSCP(spec.node, store, index, writer, ReceiverMetrics(None))
     slots = AssociationSlots(spec.slots, spec.receivers, slot)

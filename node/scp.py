@@ -438,6 +438,7 @@ class StorageSCP:
                 outcome, path = self.store.write(header.key, encoded)
             if outcome is StoreOutcome.CONFLICT:
                 return self._kept_aside(path, stored, peer)
+            self.store.sync_dirs(set(self.store.touched_dirs(path)))
             received = Received(
                 header=replace(header, kind=kind),
                 path=str(header.key.relative_path), size=len(encoded), absolute=path,

@@ -41,7 +41,7 @@ class Node:
         self.metrics = NodeMetrics(self.receivers.metrics_dir if self.receivers is not None else None)
         self.metrics.watch_index(self.index.counts_by_state)
         self.metrics.watch_exports(self.index.export_counts)
-        self.writer = IngestWriter(self.store, self.index)
+        self.writer = IngestWriter(self.index)
         self.scp = StorageSCP(settings.node, self.store, self.index, self.writer, self.metrics.receiving)
         self.server: NodeServer | None = None
         self.assembler = Assembler(settings, self.index)

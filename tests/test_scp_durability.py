@@ -265,7 +265,7 @@ def test_ingest_writer_survives_a_batch_that_raises(tmp_path: Path) -> None:
     from node.store import InstanceKey, StudyStore
 
     store = StudyStore(tmp_path / "store")
-    writer = IngestWriter(store, StudyIndex(tmp_path / "index.sqlite3"))
+    writer = IngestWriter(StudyIndex(tmp_path / "index.sqlite3"))
     writer.start()
     try:
         def received(sop: str, series_number: int) -> Received:
