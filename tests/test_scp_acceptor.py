@@ -245,3 +245,47 @@ def test_idle_associations_cost_no_cpu(tmp_path: Path) -> None:
             sock.close()
         server.shutdown()
         writer.stop()
+
+
+def _reference_values(ds: pydicom.Dataset) -> dict[str, object]:
+    """The header's attributes by pydicom's plain attribute access."""
+    def text(keyword: str) -> str:
+        value = ds.get(keyword)
+        if value is None:
+            return ""
+        return "\\".join(str(v) for v in value) if isinstance(value, pydicom.multival.MultiValue) else str(value).strip()
+
+    number = ds.get("SliceThickness")
+    series = ds.get("SeriesNumber")
+    return {
+        "sop_class_uid": text("SOPClassUID"), "modality": text("Modality"), "body_part": text("BodyPartExamined"),
+        "image_type": text("ImageType"), "series_description": text("SeriesDescription"),
+        "study_description": text("StudyDescription"), "study_date": text("StudyDate"),
+        "series_number": int(series) if series not in (None, "") else None,
+        "rows": int(ds.Rows) if "Rows" in ds else None, "columns": int(ds.Columns) if "Columns" in ds else None,
+        "slice_thickness": float(number) if number not in (None, "") else None,
+        "key": (str(ds.get("StudyInstanceUID", "")), str(ds.get("SeriesInstanceUID", "")),
+                str(ds.get("SOPInstanceUID", ""))),
+    }
+
+
+def test_header_values_equal_pydicoms_own_attribute_access() -> None:
+    """Every real file pydicom ships, character sets included: the header's one-pass conversion
+    (node.headers.Attributes) gives what ``ds.get(keyword)`` gives."""
+    compared = 0
+    charset_files = sorted((PYDICOM_TEST_FILES.parent / "charset_files").glob("*.dcm"))
+    for path in [*_real_files(), *charset_files]:
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            header = read_header(path.read_bytes(), UID_ROOT, MANUFACTURER)
+            expected = _reference_values(ds)
+        except (UnreadableDataset, pydicom.errors.InvalidDicomError, ValueError, TypeError, AttributeError):
+            continue  # no valid header (InvalidUID is a ValueError): covered by the SCP tests
+        got = {name: getattr(header, name) for name in expected if name != "key"}
+        got["key"] = (header.key.study_uid, header.key.series_uid, header.key.sop_uid)
+        assert got == expected, path.name
+        compared += 1
+    assert compared > 40
+    charsets = {str(pydicom.dcmread(p, stop_before_pixels=True, force=True).get("SpecificCharacterSet", ""))
+                for p in charset_files}
+    assert len(charsets) > 5  # pydicom's character set test files, names in many scripts
