@@ -3,8 +3,8 @@
 Layout: ``<root>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``. Only values that
 pass the UID grammar become path parts, so no dataset can name a path outside the store.
 Writes go to a temp file in ``<root>/.incoming`` (same filesystem), are fsynced and renamed
-into place; the caller fsyncs the folders whose entries changed (batched, see ``sync_dirs``) before it answers
-success.
+into place; the caller fsyncs the folders whose entries changed (``touched_dirs``, ``sync_dirs``)
+before it answers success.
 """
 
 from __future__ import annotations
@@ -167,8 +167,8 @@ class StudyStore:
             return inode is not None and (str(folder), inode) in self._durable_entries
 
     def sync_dirs(self, folders: set[Path]) -> None:
-        """fsync each folder once (deepest first); called for a batch of writes (group commit).
-        Afterwards the entries of the folders below them are known durable."""
+        """fsync each folder once (deepest first), for one write or a batch of them. Afterwards the
+        entries of the folders below them are known durable."""
         for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
             fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
             try:
