@@ -23,7 +23,7 @@ from pathlib import Path
 
 BUCKETS = 1021
 ROW = 1 + BUCKETS  # open connections in all, then per host bucket
-_ITEM = 4
+_ITEM = array("i").itemsize  # the table holds C ints (int32 here)
 
 
 def host_bucket(host: str) -> int:

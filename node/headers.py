@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import enum
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from io import BytesIO
 from typing import Any
@@ -153,11 +155,9 @@ def read_header(encoded: bytes, uid_root: str, manufacturer: str) -> InstanceHea
     Raises ``UnreadableDataset`` when it does not parse, ``InvalidUID`` (naming the attribute)
     when a placing UID is missing or malformed.
     """
-    try:
+    with _parsing():
         ds = pydicom.dcmread(BytesIO(encoded), stop_before_pixels=True)
         transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
-    except Exception as exc:  # hostile bytes: see _header_of
-        raise UnreadableDataset(f"dataset does not parse: {type(exc).__name__}") from exc
     return _header_of(ds, transfer_syntax, uid_root, manufacturer)
 
 
@@ -172,15 +172,13 @@ def read_received_header(encoded: bytes, dataset_offset: int, transfer_syntax: s
     syntax = UID(transfer_syntax)
     if not syntax.is_transfer_syntax:
         return read_header(encoded, uid_root, manufacturer)
-    try:
+    with _parsing():
         if syntax.is_deflated:
             source = BytesIO(zlib.decompress(encoded[dataset_offset:], -zlib.MAX_WBITS))
         else:
             source = BytesIO(encoded)  # shares the bytes, no copy
             source.seek(dataset_offset)
         ds = read_dataset(source, syntax.is_implicit_VR, syntax.is_little_endian, stop_when=_at_pixel_data)
-    except Exception as exc:  # hostile bytes: see _header_of
-        raise UnreadableDataset(f"dataset does not parse: {type(exc).__name__}") from exc
     return _header_of(ds, transfer_syntax, uid_root, manufacturer)
 
 
@@ -189,8 +187,20 @@ def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
     return tag in PIXEL_DATA_TAGS
 
 
-def _header_of(ds: Dataset, transfer_syntax: str, uid_root: str, manufacturer: str) -> InstanceHeader:
+@contextmanager
+def _parsing() -> Iterator[None]:
+    """Whatever reading hostile bytes raises becomes ``UnreadableDataset``: not only
+    InvalidDicomError/ValueError & co., but zlib.error for a corrupt deflate stream,
+    NotImplementedError for an unknown VR, RecursionError for deep nesting, struct.error for a
+    short read (pydicom converts values lazily, so this covers reading them too)."""
     try:
+        yield
+    except Exception as exc:  # hostile bytes: any parser error means "does not parse"
+        raise UnreadableDataset(f"dataset does not parse: {type(exc).__name__}") from exc
+
+
+def _header_of(ds: Dataset, transfer_syntax: str, uid_root: str, manufacturer: str) -> InstanceHeader:
+    with _parsing():
         attrs = Attributes(ds)
         study_uid = attrs.get("StudyInstanceUID")
         series_uid = attrs.get("SeriesInstanceUID")
@@ -212,10 +222,6 @@ def _header_of(ds: Dataset, transfer_syntax: str, uid_root: str, manufacturer: s
             "slice_thickness": _number(attrs, "SliceThickness"),
             "study_date": _text(attrs, "StudyDate"),
         }
-    except Exception as exc:  # hostile bytes: any parser error means "does not parse"
-        # Not only InvalidDicomError/ValueError & co.: a corrupt deflate stream raises zlib.error,
-        # an unknown VR NotImplementedError, deep nesting RecursionError, a short read struct.error.
-        raise UnreadableDataset(f"dataset does not parse: {type(exc).__name__}") from exc
     key = InstanceKey(
         study_uid=str(study_uid) if study_uid is not None else "",
         series_uid=str(series_uid) if series_uid is not None else "",

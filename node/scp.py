@@ -438,7 +438,7 @@ class StorageSCP:
                 outcome, path = self.store.write(header.key, encoded)
             if outcome is StoreOutcome.CONFLICT:
                 return self._kept_aside(path, stored, peer)
-            self.store.sync_dirs(set(self.store.touched_dirs(path)))
+            self.store.sync_dirs_of(path)
             received = Received(
                 header=replace(header, kind=kind),
                 path=str(header.key.relative_path), size=len(encoded), absolute=path,
@@ -474,7 +474,7 @@ class StorageSCP:
         self.metrics.instances.labels(outcome="conflict").inc()
         self.log.warning("conflicting re-send kept in quarantine", sop_uid=key.sop_uid, study_uid=key.study_uid,
                          peer=peer)
-        self.store.sync_dirs(set(self.store.touched_dirs(aside)))
+        self.store.sync_dirs_of(aside)
         return stored
 
     def _refuse(self, encoded: bytes, status: int, reason: str, peer: str) -> Stored:

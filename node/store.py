@@ -161,6 +161,10 @@ class StudyStore:
             child = child.parent
         return folders
 
+    def sync_dirs_of(self, path: Path) -> None:
+        """Make the name of the one file just placed at ``path`` durable (``touched_dirs``)."""
+        self.sync_dirs(set(self.touched_dirs(path)))
+
     def _entry_durable(self, folder: Path) -> bool:
         inode = _inode(folder)
         with self._durable_lock:

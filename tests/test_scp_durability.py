@@ -290,7 +290,7 @@ def _synced_dirs(fsync: GatedFsync, store: StudyStore, key: InstanceKey) -> list
     """The folders fsynced for one instance written and group-committed as the ingest writer does."""
     before = len(fsync.calls)
     _, path = store.write(key, CT.read_bytes())
-    store.sync_dirs(set(store.touched_dirs(path)))
+    store.sync_dirs_of(path)
     return sorted((Path(p) for kind, p in fsync.calls[before:] if kind == "dir"), key=lambda p: len(p.parts))
 
 
