@@ -26,7 +26,7 @@ import structlog
 from pydantic import BaseModel, ConfigDict
 
 from config.settings import Settings
-from node.child_process import pacsnode_command
+from node.child_process import RestartBackoff, pacsnode_command
 
 STATE_FILE = "embedded-worker.json"
 TAIL_LINES = 20
@@ -142,14 +142,13 @@ class EmbeddedWorker:
             except (OSError, ValueError):
                 pass  # a closed console must not stop the copy, or the child would block on a full pipe
 
-    def _run_once(self) -> tuple[int, float]:
+    def _run_once(self) -> int:
         """Start one worker, wait for it; its exit code and how long it ran."""
         log = self._settings.workers.embedded_log
         self._tail.clear()
         if log is not None:
             log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") if log is not None else nullcontext(sys.stderr.buffer) as sink:
-            started = time.monotonic()
             self._process = subprocess.Popen(self._command(), env=self._environment(), stdout=subprocess.PIPE,
                                              stderr=subprocess.STDOUT)
             assert self._process.stdout is not None  # stdout=PIPE
@@ -167,25 +166,23 @@ class EmbeddedWorker:
                     self._set_health(state="running", pid=self._process.pid, failures=0)
                     self._log.info("embedded worker recovered", pid=self._process.pid)
             copier.join(timeout=5)
-        return code, time.monotonic() - started
+        return code
 
     def _supervise(self) -> None:
-        backoff = 1.0
+        backoff = RestartBackoff(STABLE_S, MAX_BACKOFF_S)
         while not self._stop.is_set():
-            code, ran_s = self._run_once()
+            backoff.started(time.monotonic())
+            code = self._run_once()
             if self._stop.is_set():
                 return
-            failures = self.health().failures + 1 if ran_s < STABLE_S else 1
-            if ran_s >= STABLE_S:
-                backoff = 1.0
+            delay = backoff.died(time.monotonic())
             last = list(self._tail)
             reason = failure_reason(last, code)
-            self._set_health(state="failing", pid=None, failures=failures, exit_code=code, reason=reason,
+            self._set_health(state="failing", pid=None, failures=backoff.failures, exit_code=code, reason=reason,
                              last_output=last[-5:])
-            self._log.error("embedded worker exited; restarting", exit_code=code, retry_in_s=backoff,
-                            failures=failures, reason=reason, last_output=last[-5:])
-            self._stop.wait(backoff)
-            backoff = min(backoff * 2, MAX_BACKOFF_S)
+            self._log.error("embedded worker exited; restarting", exit_code=code, retry_in_s=delay,
+                            failures=backoff.failures, reason=reason, last_output=last[-5:])
+            self._stop.wait(delay)
 
     def stop(self) -> None:
         self._stop.set()

@@ -30,33 +30,15 @@ from prometheus_client import multiprocess
 
 from config.settings import Settings
 from node.association_slots import AssociationSlots
+from node.child_process import RestartBackoff
 from node.receiver import ReceiverSpec, is_ready
 from node.scp import NodeServer
 
 RUN_DIR = "run"
 READY_TIMEOUT_S = 30.0
 MAX_BACKOFF_S = 10.0
-STABLE_S = 60.0  # a receiver that ran this long before it died starts the back-off afresh
+STABLE_S = 60.0  # a receiver that ran this long before it died starts the back-off afresh (RestartBackoff)
 WATCH_S = 0.2
-
-
-class RestartBackoff:
-    """How long a receiver slot waits before its next replacement: 1 s after a death, doubling
-    while replacements keep dying soon after they start, up to ``MAX_BACKOFF_S``. A receiver that
-    ran ``STABLE_S`` before it died counts as a first death again, so one crash a week is not
-    met with the back-off a crash loop earned months ago."""
-
-    def __init__(self) -> None:
-        self._started_at = 0.0
-        self._quick_deaths = 0
-
-    def started(self, now: float) -> None:
-        self._started_at = now
-
-    def died(self, now: float) -> float:
-        """The earliest time the next replacement may start."""
-        self._quick_deaths = self._quick_deaths + 1 if now - self._started_at < STABLE_S else 1
-        return now + min(MAX_BACKOFF_S, 0.5 * 2 ** min(self._quick_deaths, 5))
 
 
 def receiver_command(spec: Path, slot: int, listening_fd: int) -> list[str]:
@@ -74,7 +56,7 @@ class ReceiverPool:
         self._spec_path = self.run_dir / "receivers.json"
         self._processes: list[subprocess.Popen[bytes] | None] = [None] * count
         self._restarts = [0] * count
-        self._backoff = [RestartBackoff() for _ in range(count)]
+        self._backoff = [RestartBackoff(STABLE_S, MAX_BACKOFF_S) for _ in range(count)]
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="receivers", daemon=True)
         self._log = structlog.get_logger("pacsnode.receivers")
@@ -153,7 +135,7 @@ class ReceiverPool:
                 now = time.monotonic()
                 if now < next_try[slot]:
                     continue
-                next_try[slot] = self._backoff[slot].died(now)
+                next_try[slot] = now + self._backoff[slot].died(now)
                 self._replace(slot, process)
 
     def _replace(self, slot: int, dead: subprocess.Popen[bytes]) -> None:

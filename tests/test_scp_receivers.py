@@ -26,9 +26,9 @@ from pynetdicom import AE
 from test_scp_support import NODE_AE, associate_rq_pdu, dcmtk, echo, metric, scu
 
 from node.association_slots import AssociationSlots
-from node.child_process import pacsnode_command
+from node.child_process import RestartBackoff, pacsnode_command
 from node.receiver import is_ready
-from node.receivers import STABLE_S, RestartBackoff
+from node.receivers import MAX_BACKOFF_S, STABLE_S
 from node.scp import SUCCESS, build_ae, receiver_server
 from node.service import Node
 
@@ -306,14 +306,14 @@ def test_a_killed_node_leaves_no_receiver_serving_and_a_restarted_one_binds(
 
 
 def test_restart_back_off_doubles_in_a_crash_loop_and_starts_afresh_after_a_stable_run() -> None:
-    backoff = RestartBackoff()
+    backoff = RestartBackoff(STABLE_S, MAX_BACKOFF_S)
     backoff.started(0.0)
     delays = []
     now = 0.0
     for _ in range(6):  # each replacement dies 2 s after it started
         now += 2.0
-        delays.append(backoff.died(now) - now)
+        delays.append(backoff.died(now))
         backoff.started(now)
     assert delays == [1.0, 2.0, 4.0, 8.0, 10.0, 10.0]
     now += STABLE_S + 1  # then one ran for over a minute
-    assert backoff.died(now) - now == 1.0
+    assert backoff.died(now) == 1.0
