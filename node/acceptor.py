@@ -1,5 +1,5 @@
 """pynetdicom's acceptor, tuned for ingest: threads that wait for work instead of polling, whole
-PDUs read at once, and C-STORE responses encoded without building a pydicom Dataset.
+PDUs read at once, and C-STORE requests read and responses written without pydicom Datasets.
 
 Measured on a 512x512 CT slice (``python -m bench.ingest``, the profile in its README): pynetdicom
 spent about 0.8 ms building and encoding each C-STORE-RSP (two pydicom encodes of six
@@ -12,7 +12,7 @@ What changes, and where it hooks in:
 - :class:`IngestRequestHandler` is the server's ``request_handler`` (a documented argument of
   pynetdicom's ``AssociationServer``); it builds an :class:`IngestAssociation` instead of a plain
   ``Association``, configured as pynetdicom's own ``RequestHandler._create_association`` does.
-- :class:`IngestAssociation` swaps in :class:`WaitingDul`, :class:`StoreResponseDimse` and a
+- :class:`IngestAssociation` swaps in :class:`WaitingDul`, :class:`IngestDimse` and a
   :class:`WorkCheckpoint`, before any thread starts.
 - :class:`WaitingSocket`: ``ready`` waits in ``select`` on the connection and on the DUL's
   :class:`Doorbell`, rung whenever the association thread hands the DUL something to send;
@@ -28,32 +28,28 @@ from __future__ import annotations
 import os
 import queue
 import select
-import struct
 import threading
 from collections.abc import Callable
 from copy import deepcopy
 from datetime import datetime
+from io import BytesIO
 from typing import Any, cast
 
-from pynetdicom import evt
+from pynetdicom import _config, evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
-from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
+
+from node.command_set import StoreRequest, decode_store_request, store_response_command
 
 # How long an idle thread waits before it looks at its timers again (ARTIM, network, DIMSE
 # timeouts). Work wakes it at once; this only bounds how late a timeout is noticed.
 IDLE_WAIT_S = 0.1
 RECV_CHUNK = 4 * 1024 * 1024  # read buffer: a 1 MiB PDU (the node's default maximum) in one
 
-# PS3.7 E.1: a command set is Implicit VR Little Endian, group 0000.
-_TAG_LENGTH = struct.Struct("<HHI")
-_US = struct.Struct("<H")
-C_STORE_RSP_COMMAND = 0x8001
-NO_DATA_SET = 0x0101
 LAST_COMMAND_FRAGMENT = b"\x03"  # PS3.8 E.2: message control header, command, last fragment
 
 
@@ -209,11 +205,58 @@ class WorkCheckpoint(threading.Event):
             work.set()
 
 
-class StoreResponseDimse(DIMSEServiceProvider):
-    """Sends C-STORE responses with the command set encoded directly (PS3.7 E.1, nine bytes per
-    element header and value), where pynetdicom builds a pydicom Dataset and encodes it twice.
-    Every other message, and a C-STORE response with an error comment or offending element, goes
-    through pynetdicom unchanged."""
+class IngestDimse(DIMSEServiceProvider):
+    """Reads C-STORE requests and sends their responses with the command sets coded directly
+    (:mod:`node.command_set`), where pynetdicom goes through pydicom Datasets each way.
+
+    A request is read this way only when its command set comes whole in the first fragment of a
+    message and is a plain C-STORE-RQ; its data set fragments are then gathered and joined once
+    (pynetdicom copies each twice into a BytesIO). Any other message, a bound ``EVT_DIMSE_RECV``
+    (which expects pynetdicom's message objects), chunked data sets to file
+    (``_config.STORE_RECV_CHUNKED_DATASET``) and any response with an error comment or offending
+    element go through pynetdicom unchanged."""
+
+    def __init__(self, assoc: Association) -> None:
+        super().__init__(assoc)
+        self._request: tuple[int, StoreRequest, list[memoryview]] | None = None  # being received
+
+    def receive_primitive(self, primitive: P_DATA) -> None:
+        items = primitive.presentation_data_value_list
+        if self._request is None:
+            if self.message is not None or not items or not self._reads_requests():
+                super().receive_primitive(primitive)
+                return
+            context_id, first = items[0]
+            request = decode_store_request(first[1:]) if first[0] & 3 == 3 else None
+            if request is None:  # not a whole, plain C-STORE-RQ command: pynetdicom reads it
+                super().receive_primitive(primitive)
+                return
+            self._request = (context_id, request, [])
+            items = items[1:]
+        for index, (context_id, data) in enumerate(items):
+            context, request, fragments = self._request
+            if data[0] & 1 or context_id != context:  # a command, or another context, amid a data set
+                self._request = None
+                self.dul.event_queue.put("Evt19")  # as pynetdicom does for an invalid DIMSE message
+                return
+            fragments.append(memoryview(data)[1:])
+            if data[0] & 2:  # the data set's last fragment
+                self._request = None
+                try:
+                    indication = request.primitive(BytesIO(b"".join(fragments)))
+                except ValueError:  # a value the primitive refuses: as pynetdicom's message_to_primitive
+                    self.dul.event_queue.put("Evt19")
+                    return
+                self.msg_queue.put((context, indication))
+                rest = items[index + 1:]
+                if rest:  # the next message begins in the same PDU
+                    following = P_DATA()
+                    following.presentation_data_value_list.extend(rest)  # as P_DATA_TF.to_primitive fills it
+                    self.receive_primitive(following)
+                return
+
+    def _reads_requests(self) -> bool:
+        return not _config.STORE_RECV_CHUNKED_DATASET and not self.assoc.get_handlers(evt.EVT_DIMSE_RECV)
 
     def send_msg(self, primitive: Any, context_id: int) -> None:
         command = store_response_command(primitive)
@@ -229,34 +272,6 @@ class StoreResponseDimse(DIMSEServiceProvider):
         self.dul.send_pdu(pdata)
 
 
-def _element(tag: int, value: bytes) -> bytes:
-    return _TAG_LENGTH.pack(tag >> 16, tag & 0xFFFF, len(value)) + value
-
-
-def _uid(value: str) -> bytes:
-    encoded = value.encode("ascii")
-    return encoded + b"\0" if len(encoded) % 2 else encoded
-
-
-def store_response_command(primitive: Any) -> bytes | None:
-    """The encoded command set of a plain C-STORE response (status, no comment); None otherwise."""
-    if not isinstance(primitive, C_STORE) or primitive.MessageIDBeingRespondedTo is None:
-        return None
-    if primitive.ErrorComment is not None or primitive.OffendingElement is not None:
-        return None
-    if primitive.Status is None or primitive.AffectedSOPClassUID is None or primitive.AffectedSOPInstanceUID is None:
-        return None
-    body = b"".join((
-        _element(0x00000002, _uid(str(primitive.AffectedSOPClassUID))),
-        _element(0x00000100, _US.pack(C_STORE_RSP_COMMAND)),
-        _element(0x00000120, _US.pack(int(primitive.MessageIDBeingRespondedTo))),
-        _element(0x00000800, _US.pack(NO_DATA_SET)),
-        _element(0x00000900, _US.pack(int(primitive.Status))),
-        _element(0x00001000, _uid(str(primitive.AffectedSOPInstanceUID))),
-    ))
-    return _element(0x00000000, struct.pack("<I", len(body))) + body
-
-
 class IngestAssociation(Association):
     """An acceptor Association whose DUL and reactor wait for work (see the module docstring)."""
 
@@ -264,7 +279,7 @@ class IngestAssociation(Association):
         super().__init__(ae, mode)
         self.work = threading.Event()
         self.dul = WaitingDul(self)
-        self.dimse = StoreResponseDimse(self)
+        self.dimse = IngestDimse(self)
         self.dimse.msg_queue = WakingQueue(self.work.set)
         self.dul.to_user_queue = WakingQueue(self.work.set)
         self._reactor_checkpoint = WorkCheckpoint(self.work, self._has_work)

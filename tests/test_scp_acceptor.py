@@ -9,9 +9,11 @@ import hashlib
 import inspect
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Iterator
+from io import BytesIO
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +21,16 @@ import pydicom
 import pytest
 from conftest import PYDICOM_TEST_FILES, make_settings
 from pydicom.uid import UID
-from pynetdicom import AE, association, dimse, dul, transport
+from pynetdicom import AE, _config, association, dimse, dimse_messages, dul, evt, transport
 from pynetdicom._globals import MODE_ACCEPTOR
-from pynetdicom.dimse_messages import C_STORE_RSP
-from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP, DIMSEMessage
+from pynetdicom.dimse_primitives import C_ECHO, C_STORE
 from pynetdicom.dsutils import create_file_meta, encode, encode_file_meta
+from pynetdicom.pdu_primitives import P_DATA
 from test_scp_support import associate_rq_pdu, dataset_offset
 
-from node.acceptor import Doorbell, IngestAssociation, WaitingSocket, store_response_command
+from node.acceptor import Doorbell, IngestAssociation, WaitingSocket
+from node.command_set import decode_store_request, store_response_command
 from node.file_meta import PREAMBLE, part10_prefix
 from node.headers import UnreadableDataset, read_header, read_received_header
 
@@ -47,8 +51,11 @@ UPSTREAM = {
     "association.Association._run_reactor": "f28838c5559e",
     "association.Association.kill": "8f9713666a7f",
     "dimse.DIMSEServiceProvider.send_msg": "a839cf2fb469",
+    "dimse_messages.DIMSEMessage.decode_msg": "f51c777e841a",
+    "dimse_messages.DIMSEMessage.message_to_primitive": "f8f43d34e434",
 }
-MODULES = {"transport": transport, "dul": dul, "association": association, "dimse": dimse}
+MODULES = {"transport": transport, "dul": dul, "association": association, "dimse": dimse,
+           "dimse_messages": dimse_messages}
 UID_ROOT, MANUFACTURER = "1.2.826.0.1.3680043.10.1", "pacsnode"
 
 
@@ -92,6 +99,160 @@ def test_store_response_with_a_comment_is_left_to_pynetdicom() -> None:
     request = C_STORE()
     request.MessageID = 1
     assert store_response_command(request) is None
+
+
+def _store_request(sop_uid: str = "1.2.3.45", priority: int = 2, message_id: int = 7,
+                   move: tuple[str, int] | None = None, data: bytes = b"\x08\x00\x16\x00") -> C_STORE:
+    request = C_STORE()
+    request.MessageID = message_id
+    request.AffectedSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+    request.AffectedSOPInstanceUID = sop_uid
+    request.Priority = priority
+    if move is not None:
+        request.MoveOriginatorApplicationEntityTitle, request.MoveOriginatorMessageID = move
+    request.DataSet = BytesIO(data)
+    return request
+
+
+def _p_datas(primitive: Any, max_pdu: int = 1_048_576) -> list[P_DATA]:
+    """The P-DATA primitives pynetdicom sends for ``primitive``."""
+    message = C_ECHO_RQ() if isinstance(primitive, C_ECHO) else C_STORE_RQ()
+    message.primitive_to_message(primitive)
+    return list(message.encode_msg(1, max_pdu))
+
+
+def _as_pynetdicom_reads(p_datas: list[P_DATA]) -> Any:
+    """The primitive pynetdicom's own DIMSEMessage decodes from ``p_datas``."""
+    message = DIMSEMessage()
+    assert [message.decode_msg(p_data) for p_data in p_datas][-1]
+    return message.message_to_primitive()
+
+
+def _indication_fields(primitive: Any) -> tuple[object, ...]:
+    return (type(primitive), primitive.MessageID, primitive.Priority, primitive.AffectedSOPClassUID,
+            primitive.AffectedSOPInstanceUID, primitive.MoveOriginatorApplicationEntityTitle,
+            primitive.MoveOriginatorMessageID, primitive.DataSet.getvalue())
+
+
+@pytest.mark.parametrize("sop_uid", ["9", "1.2.3.4", "1.2.3.45", "1.2.826.0.1.3680043.8.498.12345678901234567890123"])
+@pytest.mark.parametrize(("priority", "message_id", "move"), [
+    (0, 1, None), (1, 65535, None), (2, 7, ("MOVESCU", 3)), (2, 8, ("A", 65535)), (0, 9, ("SIXTEEN_CHARS_AE", 1)),
+])
+def test_store_request_is_read_as_pynetdicom_reads_it(sop_uid: str, priority: int, message_id: int,
+                                                      move: tuple[str, int] | None) -> None:
+    p_datas = _p_datas(_store_request(sop_uid, priority, message_id, move))
+    command = p_datas[0].presentation_data_value_list[0][1]
+    decoded = decode_store_request(command[1:])
+    assert decoded is not None
+    ours = decoded.primitive(BytesIO(p_datas[-1].presentation_data_value_list[-1][1][1:]))
+    assert _indication_fields(ours) == _indication_fields(_as_pynetdicom_reads(p_datas))
+
+
+def _command(*elements: tuple[int, bytes]) -> bytes:
+    body = b"".join(struct.pack("<HHI", 0, element, len(value)) + value for element, value in elements)
+    return struct.pack("<HHI", 0, 0, 4) + struct.pack("<I", len(body)) + body
+
+
+PLAIN = ((0x0002, b"1.2.840.10008.5.1.4.1.1.2\0"), (0x0100, b"\x01\x00"), (0x0110, b"\x07\x00"),
+         (0x0700, b"\x02\x00"), (0x0800, b"\x01\x02"), (0x1000, b"1.2.3.45"))
+
+
+@pytest.mark.parametrize(("case", "elements"), [
+    ("the plain request itself", PLAIN),
+    ("C-ECHO-RQ", (PLAIN[0], (0x0100, b"\x30\x00"), PLAIN[2], (0x0800, b"\x01\x01"))),
+    ("no data set", (*PLAIN[:4], (0x0800, b"\x01\x01"), PLAIN[5])),
+    ("an element a C-STORE-RQ has not", (*PLAIN, (0x0120, b"\x01\x00"))),
+    ("a required element missing", PLAIN[1:]),
+    ("two SOP Instance UIDs", (*PLAIN[:5], (0x1000, b"1.2.3\\1.2.4\0"))),
+    ("a US of four bytes", (*PLAIN[:2], (0x0110, b"\x07\x00\x08\x00"), *PLAIN[3:])),
+    ("an element twice", (*PLAIN, PLAIN[5])),
+])
+def test_anything_but_a_plain_store_request_is_left_to_pynetdicom(case: str, elements: tuple[tuple[int, bytes], ...]) -> None:
+    decoded = decode_store_request(_command(*elements))
+    assert (decoded is not None) is (case == "the plain request itself"), case
+
+
+@pytest.mark.parametrize("cut", [1, 7, 12, 20])
+def test_a_truncated_command_set_is_left_to_pynetdicom(cut: int) -> None:
+    assert decode_store_request(_command(*PLAIN)[:-cut]) is None
+
+
+@pytest.fixture
+def upstream(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The messages pynetdicom's own ``receive_primitive`` was handed (by their first PDV's
+    control header), with pynetdicom's standard log handlers off as the node has them: they bind
+    ``EVT_DIMSE_RECV``, which sends every message through pynetdicom."""
+    monkeypatch.setattr(_config, "LOG_HANDLER_LEVEL", "none")
+    handed: list[str] = []
+    original = dimse.DIMSEServiceProvider.receive_primitive
+
+    def counting(self: Any, primitive: P_DATA) -> None:
+        handed.append("command" if primitive.presentation_data_value_list[0][1][0] & 1 else "data")
+        original(self, primitive)
+
+    monkeypatch.setattr(dimse.DIMSEServiceProvider, "receive_primitive", counting)
+    return handed
+
+
+def _dimse() -> Any:
+    return IngestAssociation(AE(), MODE_ACCEPTOR).dimse
+
+
+def _received(dimse: Any) -> list[Any]:
+    taken = []
+    while not dimse.msg_queue.empty():
+        taken.append(dimse.msg_queue.get_nowait()[1])
+    return taken
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16_384, 4_096])
+def test_the_acceptor_reads_store_requests_in_any_fragmentation_as_pynetdicom(max_pdu: int, upstream: list[str]) -> None:
+    data = os.urandom(100_001)
+    requests = [_store_request(f"1.2.3.{n}", message_id=n, data=data) for n in (1, 2)]
+    expected = [_as_pynetdicom_reads(_p_datas(request, max_pdu)) for request in requests]
+    dimse = _dimse()
+    for request in requests:
+        for p_data in _p_datas(request, max_pdu):
+            dimse.receive_primitive(p_data)
+    assert upstream == []
+    assert [_indication_fields(p) for p in _received(dimse)] == [_indication_fields(p) for p in expected]
+
+
+def test_messages_sharing_one_p_data_are_all_read(upstream: list[str]) -> None:
+    """A P-DATA may carry the end of one message and the start of the next; pynetdicom reads
+    only the first."""
+    first, second = _p_datas(_store_request("1.2.3.1", message_id=1)), _p_datas(_store_request("1.2.3.2", message_id=2))
+    joined = P_DATA()
+    joined.presentation_data_value_list.extend(item for p in first + second for item in p.presentation_data_value_list)
+    dimse = _dimse()
+    dimse.receive_primitive(joined)
+    assert [p.AffectedSOPInstanceUID for p in _received(dimse)] == ["1.2.3.1", "1.2.3.2"]
+
+
+def test_other_messages_and_bound_dimse_handlers_still_go_through_pynetdicom(upstream: list[str]) -> None:
+    echo = C_ECHO()
+    echo.MessageID = 5
+    dimse = _dimse()
+    for p_data in _p_datas(echo) + _p_datas(_store_request()):
+        dimse.receive_primitive(p_data)
+    received = _received(dimse)
+    assert [type(p) for p in received] == [C_ECHO, C_STORE] and received[0].MessageID == 5
+    assert upstream == ["command"]
+    dimse.assoc.bind(evt.EVT_DIMSE_RECV, lambda event: None)
+    for p_data in _p_datas(_store_request()):
+        dimse.receive_primitive(p_data)
+    assert upstream == ["command", "command", "data"]
+    assert [type(p) for p in _received(dimse)] == [C_STORE]
+
+
+def test_a_command_amid_a_data_set_aborts_the_association(upstream: list[str]) -> None:
+    """pynetdicom's answer to a DIMSE message it cannot read: Evt19, an A-ABORT."""
+    p_datas = _p_datas(_store_request(data=os.urandom(20_000)), 4_096)
+    dimse = _dimse()
+    dimse.receive_primitive(p_datas[0])
+    dimse.receive_primitive(_p_datas(_store_request())[0])  # a new command before the data set ended
+    assert dimse.dul.event_queue.get_nowait() == "Evt19"
+    assert _received(dimse) == [] and upstream == []
 
 
 @pytest.mark.parametrize("transfer_syntax", ["1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.1.99",
