@@ -68,10 +68,10 @@ class StoreRequest:
         return primitive
 
 
-def decode_store_request(command: bytes) -> StoreRequest | None:
+def decode_store_request(command: bytes | memoryview) -> StoreRequest | None:
     """The C-STORE-RQ whose command set (with a data set to follow) is ``command``; None for any
     other message, or for anything beyond the plain form: pynetdicom then reads it."""
-    values: dict[int, bytes] = {}
+    values: dict[int, bytes | memoryview] = {}
     offset, end = 0, len(command)
     while offset < end:
         if end - offset < _TAG_LENGTH.size:
@@ -93,9 +93,9 @@ def decode_store_request(command: bytes) -> StoreRequest | None:
     numbers = {e: _US.unpack(values[e])[0] for e in _US_ELEMENTS & values.keys()}
     if numbers[COMMAND_FIELD] != C_STORE_RQ_COMMAND or numbers[DATA_SET_TYPE] == NO_DATA_SET:
         return None
-    sop_class = convert_UI(values[AFFECTED_SOP_CLASS], True)
-    sop_instance = convert_UI(values[AFFECTED_SOP_INSTANCE], True)
-    move_ae = convert_AE_string(values[MOVE_ORIGINATOR_AE], True) if MOVE_ORIGINATOR_AE in values else None
+    sop_class = convert_UI(bytes(values[AFFECTED_SOP_CLASS]), True)
+    sop_instance = convert_UI(bytes(values[AFFECTED_SOP_INSTANCE]), True)
+    move_ae = convert_AE_string(bytes(values[MOVE_ORIGINATOR_AE]), True) if MOVE_ORIGINATOR_AE in values else None
     if any(isinstance(text, MultiValue) for text in (sop_class, sop_instance, move_ae)):
         return None
     return StoreRequest(

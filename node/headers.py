@@ -17,7 +17,7 @@ from typing import Any
 import pydicom
 from pydicom.charset import convert_encodings, default_encoding
 from pydicom.datadict import dictionary_VR, tag_for_keyword
-from pydicom.dataelem import DataElement, convert_raw_data_element
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
@@ -41,6 +41,7 @@ SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
 SPECIFIC_CHARACTER_SET = 0x00080005
 PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float, Double Float, Pixel Data  # incl. our own summary images
 
+MAX_KEPT_VALUE = 256  # bytes: longer values are converted every time, not kept (ConvertedValues)
 PROCESSING_ALGORITHM_CODE = "Newcode1"  # IHE AIR purpose of reference "Processing Algorithm"
 
 
@@ -74,16 +75,44 @@ class InstanceHeader:
     kind: InstanceKind
 
 
+class ConvertedValues:
+    """pydicom's conversions of element values, kept by their raw bytes: one CT series repeats
+    all but a few of the header values a receiver reads (UIDs of study and series, modality,
+    descriptions, sizes), and converting each through pydicom cost about 10 us, half of reading a
+    slice's header. Only short values are kept; the whole lot is forgotten at ``limit`` entries
+    (the SOP Instance UIDs, new with every instance, fill it)."""
+
+    def __init__(self, limit: int = 4096) -> None:
+        self._values: dict[tuple[int, str | None, bytes, tuple[str, ...]], Any] = {}
+        self._limit = limit
+
+    def convert(self, element: RawDataElement, encoding: tuple[str, ...], ds: Dataset) -> Any:
+        raw = element.value
+        if raw is None or len(raw) > MAX_KEPT_VALUE:
+            return convert_raw_data_element(element, encoding=list(encoding), ds=ds).value
+        key = (int(element.tag), element.VR, bytes(raw), encoding)
+        try:
+            return self._values[key]
+        except KeyError:
+            pass
+        value = convert_raw_data_element(element, encoding=list(encoding), ds=ds).value
+        if len(self._values) >= self._limit:
+            self._values.clear()
+        self._values[key] = value
+        return value
+
+
 class Attributes:
     """The values of a data set's elements as pydicom converts them, each converted on first use
     with the character set looked up once. pydicom's own ``ds.get(keyword)`` looks the character
     set up again for every element (about 15 us each, a third of reading a CT slice's header)."""
 
-    def __init__(self, ds: Dataset) -> None:
+    def __init__(self, ds: Dataset, values: ConvertedValues) -> None:
         self._ds = ds
+        self._values = values
         charset = ds.get(SPECIFIC_CHARACTER_SET)
-        self._encoding = convert_encodings(charset.value) if charset is not None and charset.value \
-            else default_encoding
+        self._encoding = tuple(convert_encodings(charset.value)) if charset is not None and charset.value \
+            else (default_encoding,)
 
     def get(self, keyword: str, default: Any = None) -> Any:
         tag = tag_for_keyword(keyword)
@@ -94,7 +123,7 @@ class Attributes:
             return element.value
         if dictionary_VR(tag) == "SQ":  # items are data sets: pydicom's own path
             return self._ds.get(keyword, default)
-        return convert_raw_data_element(element, encoding=self._encoding, ds=self._ds).value
+        return self._values.convert(element, self._encoding, self._ds)
 
     def __contains__(self, keyword: str) -> bool:
         tag = tag_for_keyword(keyword)
@@ -149,7 +178,8 @@ def classify(attrs: Attributes, uid_root: str, manufacturer: str) -> InstanceKin
     return InstanceKind.IMAGE
 
 
-def read_header(encoded: bytes, uid_root: str, manufacturer: str) -> InstanceHeader:
+def read_header(encoded: bytes, uid_root: str, manufacturer: str,
+                values: ConvertedValues | None = None) -> InstanceHeader:
     """Parse the header of a DICOM file held in memory (preamble + file meta + dataset): a STOW-RS part.
 
     Raises ``UnreadableDataset`` when it does not parse, ``InvalidUID`` (naming the attribute)
@@ -158,11 +188,11 @@ def read_header(encoded: bytes, uid_root: str, manufacturer: str) -> InstanceHea
     with _parsing():
         ds = pydicom.dcmread(BytesIO(encoded), stop_before_pixels=True)
         transfer_syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
-    return _header_of(ds, transfer_syntax, uid_root, manufacturer)
+    return _header_of(ds, transfer_syntax, uid_root, manufacturer, values or ConvertedValues())
 
 
 def read_received_header(encoded: bytes, dataset_offset: int, transfer_syntax: str, uid_root: str,
-                         manufacturer: str) -> InstanceHeader:
+                         manufacturer: str, values: ConvertedValues | None = None) -> InstanceHeader:
     """Parse the header of a C-STORE's data set, which starts at ``dataset_offset`` of ``encoded``
     (behind the file meta the node built itself), in the presentation context's transfer syntax.
 
@@ -171,7 +201,7 @@ def read_received_header(encoded: bytes, dataset_offset: int, transfer_syntax: s
     """
     syntax = UID(transfer_syntax)
     if not syntax.is_transfer_syntax:
-        return read_header(encoded, uid_root, manufacturer)
+        return read_header(encoded, uid_root, manufacturer, values)
     with _parsing():
         if syntax.is_deflated:
             source = BytesIO(zlib.decompress(encoded[dataset_offset:], -zlib.MAX_WBITS))
@@ -179,7 +209,7 @@ def read_received_header(encoded: bytes, dataset_offset: int, transfer_syntax: s
             source = BytesIO(encoded)  # shares the bytes, no copy
             source.seek(dataset_offset)
         ds = read_dataset(source, syntax.is_implicit_VR, syntax.is_little_endian, stop_when=_at_pixel_data)
-    return _header_of(ds, transfer_syntax, uid_root, manufacturer)
+    return _header_of(ds, transfer_syntax, uid_root, manufacturer, values or ConvertedValues())
 
 
 def _at_pixel_data(tag: BaseTag, vr: str | None, length: int) -> bool:
@@ -199,9 +229,10 @@ def _parsing() -> Iterator[None]:
         raise UnreadableDataset(f"dataset does not parse: {type(exc).__name__}") from exc
 
 
-def _header_of(ds: Dataset, transfer_syntax: str, uid_root: str, manufacturer: str) -> InstanceHeader:
+def _header_of(ds: Dataset, transfer_syntax: str, uid_root: str, manufacturer: str,
+               values: ConvertedValues) -> InstanceHeader:
     with _parsing():
-        attrs = Attributes(ds)
+        attrs = Attributes(ds, values)
         study_uid = attrs.get("StudyInstanceUID")
         series_uid = attrs.get("SeriesInstanceUID")
         sop_uid = attrs.get("SOPInstanceUID")

@@ -36,7 +36,14 @@ from config.settings import NodeSettings
 from node.acceptor import IngestRequestHandler
 from node.association_slots import AssociationSlots
 from node.file_meta import part10_prefix
-from node.headers import InstanceHeader, InstanceKind, UnreadableDataset, read_header, read_received_header
+from node.headers import (
+    ConvertedValues,
+    InstanceHeader,
+    InstanceKind,
+    UnreadableDataset,
+    read_header,
+    read_received_header,
+)
 from node.index import IngestChange, Received, StudyIndex
 from node.ingest import INGEST_ERRORS, IngestWriter
 from node.metrics import ReceiverMetrics
@@ -329,6 +336,7 @@ class StorageSCP:
         self.metrics = metrics
         self.policy = AccessPolicy(settings)
         self.free_space = FreeSpaceGauge(store, settings.min_free_disk_mb * 1024 * 1024)
+        self.header_values = ConvertedValues()  # one series' instances repeat most header values
         # In a receiver process: the node's open connections over all its receivers (this one's
         # included), for max_associations; None when this process is the only receiver.
         self.node_wide_connections: Callable[[], int] | None = None
@@ -411,10 +419,10 @@ class StorageSCP:
             return Stored(OUT_OF_RESOURCES_DISK, None, "free disk below the watermark")
         try:
             if data_set_at is None:
-                header = read_header(encoded, self.settings.uid_root, self.settings.manufacturer)
+                header = read_header(encoded, self.settings.uid_root, self.settings.manufacturer, self.header_values)
             else:
                 header = read_received_header(encoded, data_set_at.offset, data_set_at.transfer_syntax,
-                                              self.settings.uid_root, self.settings.manufacturer)
+                                              self.settings.uid_root, self.settings.manufacturer, self.header_values)
         except UnreadableDataset as exc:
             return self._refuse(encoded, CANNOT_UNDERSTAND, str(exc), peer)
         except InvalidUID as exc:

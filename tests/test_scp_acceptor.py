@@ -21,7 +21,7 @@ import pydicom
 import pytest
 from conftest import PYDICOM_TEST_FILES, make_settings
 from pydicom.uid import UID
-from pynetdicom import AE, _config, association, dimse, dimse_messages, dul, evt, transport
+from pynetdicom import AE, _config, association, dimse, dimse_messages, dul, evt, pdu, transport
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ, C_STORE_RSP, DIMSEMessage
 from pynetdicom.dimse_primitives import C_ECHO, C_STORE
@@ -32,7 +32,7 @@ from test_scp_support import associate_rq_pdu, dataset_offset
 from node.acceptor import Doorbell, IngestAssociation, WaitingSocket
 from node.command_set import decode_store_request, store_response_command
 from node.file_meta import PREAMBLE, part10_prefix
-from node.headers import UnreadableDataset, read_header, read_received_header
+from node.headers import ConvertedValues, UnreadableDataset, read_header, read_received_header
 
 # The pynetdicom functions whose behaviour node.acceptor relies on (what it overrides, and the
 # loops whose waiting it replaces), as in pynetdicom 3.0.4. A change there fails this test:
@@ -52,10 +52,16 @@ UPSTREAM = {
     "association.Association.kill": "8f9713666a7f",
     "dimse.DIMSEServiceProvider.send_msg": "a839cf2fb469",
     "dimse_messages.DIMSEMessage.decode_msg": "f51c777e841a",
+    "dul.DULServiceProvider._decode_pdu": "fc71dd1bf853",
+    "dul.DULServiceProvider._read_pdu_data": "19f2d4e38c13",
+    "pdu.PDU.decode": "07098f2d8a4d",
+    "pdu.P_DATA_TF._decoders": "c8efd2186829",
+    "pdu.P_DATA_TF._generate_items": "55a5deea4774",
+    "pdu.P_DATA_TF._wrap_generate_items": "b2ab7ad6fe47",
     "dimse_messages.DIMSEMessage.message_to_primitive": "f8f43d34e434",
 }
 MODULES = {"transport": transport, "dul": dul, "association": association, "dimse": dimse,
-           "dimse_messages": dimse_messages}
+           "dimse_messages": dimse_messages, "pdu": pdu}
 UID_ROOT, MANUFACTURER = "1.2.826.0.1.3680043.10.1", "pacsnode"
 
 
@@ -245,6 +251,34 @@ def test_other_messages_and_bound_dimse_handlers_still_go_through_pynetdicom(ups
     assert [type(p) for p in _received(dimse)] == [C_STORE]
 
 
+def _p_data_tf_bytes(*pdvs: tuple[int, bytes]) -> bytearray:
+    items = b"".join(struct.pack(">IB", len(value) + 1, context_id) + value for context_id, value in pdvs)
+    return bytearray(struct.pack(">BBI", 0x04, 0, len(items)) + items)
+
+
+def test_p_data_tf_is_decoded_over_the_received_bytes_as_pynetdicom_decodes_it(upstream: list[str]) -> None:
+    received = _p_data_tf_bytes((1, b"\x03" + b"c" * 91), (3, b"\x02" + os.urandom(70_001)), (5, b"\x00"))
+    dul_ = IngestAssociation(AE(), MODE_ACCEPTOR).dul
+    ours, event = dul_._decode_pdu(received)
+    theirs, their_event = dul.DULServiceProvider._decode_pdu(dul_, received)
+    values = [(item.presentation_context_id, item.presentation_data_value) for item in ours.presentation_data_value_items]
+    assert event == their_event == "Evt10"
+    assert [(c, bytes(v)) for c, v in values] == [
+        (item.presentation_context_id, item.presentation_data_value) for item in theirs.presentation_data_value_items]
+    assert all(isinstance(v, memoryview) and v.obj is received for _, v in values)  # views, no copies
+    with pytest.raises(AssertionError):  # a PDV longer than its PDU: as pynetdicom refuses it (-> Evt19)
+        dul_._decode_pdu(received[:-1])
+
+
+def test_other_pdus_and_bound_pdu_handlers_are_decoded_by_pynetdicom(upstream: list[str]) -> None:
+    dul_ = IngestAssociation(AE(), MODE_ACCEPTOR).dul
+    release, event = dul_._decode_pdu(bytearray(b"\x05\x00\x00\x00\x00\x04\x00\x00\x00\x00"))
+    assert (type(release).__name__, event) == ("A_RELEASE_RQ", "Evt12")
+    dul_.assoc.bind(evt.EVT_PDU_RECV, lambda event: None)
+    p_data, _ = dul_._decode_pdu(_p_data_tf_bytes((1, b"\x03abc")))
+    assert type(p_data.presentation_data_value_items[0].presentation_data_value) is bytes
+
+
 def test_a_command_amid_a_data_set_aborts_the_association(upstream: list[str]) -> None:
     """pynetdicom's answer to a DIMSE message it cannot read: Evt19, an A-ABORT."""
     p_datas = _p_datas(_store_request(data=os.urandom(20_000)), 4_096)
@@ -304,6 +338,44 @@ def test_header_from_the_data_set_equals_the_header_from_the_whole_file() -> Non
     assert compared > 50
     syntaxes = {_split(p)[2] for p in _real_files() if _split(p) is not None}  # type: ignore[index]
     assert {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"} <= syntaxes
+
+
+def test_values_kept_between_headers_change_no_header() -> None:
+    """One ConvertedValues over every real file and character set file, twice over: each header is
+    the one read without it (a value kept under one character set is not used under another)."""
+    files = [p for p in _real_files() + sorted((PYDICOM_TEST_FILES.parent / "charset_files").glob("*.dcm")) if _split(p) is not None]
+    values = ConvertedValues(limit=64)  # small: forgetting happens too
+    compared = 0
+    for _ in range(2):
+        for path in files:
+            data, offset, syntax = _split(path)  # type: ignore[misc]
+            try:
+                expected: object = read_received_header(data, offset, syntax, UID_ROOT, MANUFACTURER)
+            except (UnreadableDataset, ValueError) as exc:
+                expected = type(exc)
+            try:
+                got: object = read_received_header(data, offset, syntax, UID_ROOT, MANUFACTURER, values)
+            except (UnreadableDataset, ValueError) as exc:
+                got = type(exc)
+            assert got == expected, path.name
+            compared += 1
+    assert compared > 100
+
+
+def test_the_same_bytes_under_another_character_set_are_read_anew() -> None:
+    values = ConvertedValues()
+    descriptions = []
+    for charset in ("ISO_IR 144", "ISO_IR 100"):  # Cyrillic, Latin-1: b"\xe0\xe1" is "рс", then "àá"
+        ds = pydicom.Dataset()
+        ds.SpecificCharacterSet = charset
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.SOPInstanceUID = "1.2.3", "1.2.3.4", "1.2.3.4.5"
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        ds.add_new(0x0008103E, "LO", b"\xe0\xe1")  # SeriesDescription, as its bytes
+        encoded = BytesIO()
+        pydicom.dcmwrite(encoded, ds, implicit_vr=True, little_endian=True)
+        header = read_received_header(encoded.getvalue(), 0, "1.2.840.10008.1.2", UID_ROOT, MANUFACTURER, values)
+        descriptions.append(header.series_description)
+    assert descriptions == ["рс", "àá"]
 
 
 def test_a_data_set_that_does_not_parse_is_unreadable() -> None:
