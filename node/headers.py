@@ -191,23 +191,19 @@ def read_header(encoded: bytes, uid_root: str, manufacturer: str,
     return _header_of(ds, transfer_syntax, uid_root, manufacturer, values or ConvertedValues())
 
 
-def read_received_header(encoded: bytes, dataset_offset: int, transfer_syntax: str, uid_root: str,
+def read_received_header(prefix: bytes, data_set: bytes, transfer_syntax: str, uid_root: str,
                          manufacturer: str, values: ConvertedValues | None = None) -> InstanceHeader:
-    """Parse the header of a C-STORE's data set, which starts at ``dataset_offset`` of ``encoded``
-    (behind the file meta the node built itself), in the presentation context's transfer syntax.
+    """Parse the header of a C-STORE's ``data_set``, in the presentation context's transfer syntax,
+    without parsing again the file meta (``prefix``) the node built for it.
 
-    Half the cost of ``read_header`` on a CT slice: the file meta is not parsed again. A private
-    transfer syntax goes through ``read_header``, where pydicom decides as it always does.
+    Half the cost of ``read_header`` on a CT slice. A private transfer syntax goes through
+    ``read_header`` over the whole file, where pydicom decides as it always does.
     """
     syntax = UID(transfer_syntax)
     if not syntax.is_transfer_syntax:
-        return read_header(encoded, uid_root, manufacturer, values)
+        return read_header(prefix + data_set, uid_root, manufacturer, values)
     with _parsing():
-        if syntax.is_deflated:
-            source = BytesIO(zlib.decompress(encoded[dataset_offset:], -zlib.MAX_WBITS))
-        else:
-            source = BytesIO(encoded)  # shares the bytes, no copy
-            source.seek(dataset_offset)
+        source = BytesIO(zlib.decompress(data_set, -zlib.MAX_WBITS) if syntax.is_deflated else data_set)
         ds = read_dataset(source, syntax.is_implicit_VR, syntax.is_little_endian, stop_when=_at_pixel_data)
     return _header_of(ds, transfer_syntax, uid_root, manufacturer, values or ConvertedValues())
 

@@ -14,7 +14,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, replace
 from io import BytesIO
@@ -35,7 +35,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from config.settings import NodeSettings
 from node.acceptor import IngestRequestHandler
 from node.association_slots import AssociationSlots
-from node.file_meta import part10_prefix
+from node.file_meta import ReceivedFile, part10_prefix
 from node.headers import (
     ConvertedValues,
     InstanceHeader,
@@ -305,14 +305,6 @@ class FreeSpaceGauge:
 
 
 @dataclass(frozen=True)
-class DataSetAt:
-    """Where a received data set starts in its Part 10 bytes, and its transfer syntax."""
-
-    offset: int
-    transfer_syntax: str
-
-
-@dataclass(frozen=True)
 class Stored:
     """What storing one instance came to: its DICOM status, its header where it could be read, and
     why it failed (for STOW-RS's FailedSOPSequence and the logs)."""
@@ -402,36 +394,36 @@ class StorageSCP:
         request = cast(C_STORE, event.request)
         sop_uid, sop_class = str(request.AffectedSOPInstanceUID), str(request.AffectedSOPClassUID)
         transfer_syntax = str(event.context.transfer_syntax)
-        prefix = part10_prefix(sop_class, sop_uid, transfer_syntax)
-        encoded = prefix + cast(BytesIO, request.DataSet).getvalue()
-        return self.store_encoded(encoded, str(event.assoc.requestor.ae_title).strip(), (sop_uid, sop_class),
-                                  DataSetAt(len(prefix), transfer_syntax)).status
+        received = ReceivedFile(part10_prefix(sop_class, sop_uid, transfer_syntax),
+                                cast(BytesIO, request.DataSet).getvalue(), transfer_syntax)
+        return self.store_encoded(received, str(event.assoc.requestor.ae_title).strip(), (sop_uid, sop_class)).status
 
-    def store_encoded(self, encoded: bytes, peer: str, announced: tuple[str, str] | None = None,
-                      data_set_at: DataSetAt | None = None) -> Stored:
-        """Store one Part 10 instance durably, as received, and index it: the C-STORE and the STOW-RS
-        path alike. ``announced``: the (SOP Instance UID, SOP Class UID) the request named, which
-        the data set must match (a STOW-RS part announces none). ``data_set_at``: where the data
-        set starts and its transfer syntax, when the node built the file meta itself."""
+    def store_encoded(self, encoded: bytes | ReceivedFile, peer: str, announced: tuple[str, str] | None = None) -> Stored:
+        """Store one Part 10 instance durably, as received, and index it: the C-STORE path (a
+        ``ReceivedFile``, whose file meta the node built) and the STOW-RS path (the file's bytes)
+        alike. ``announced``: the (SOP Instance UID, SOP Class UID) the request named, which the
+        data set must match (a STOW-RS part announces none)."""
         if not self.free_space.enough():
             self.metrics.instances.labels(outcome="disk_full").inc()
             self.log.error("store refused: free disk below watermark", peer=peer)
             return Stored(OUT_OF_RESOURCES_DISK, None, "free disk below the watermark")
+        parts = encoded.parts if isinstance(encoded, ReceivedFile) else (encoded,)
         try:
-            if data_set_at is None:
-                header = read_header(encoded, self.settings.uid_root, self.settings.manufacturer, self.header_values)
-            else:
-                header = read_received_header(encoded, data_set_at.offset, data_set_at.transfer_syntax,
+            if isinstance(encoded, ReceivedFile):
+                header = read_received_header(encoded.prefix, encoded.data_set, encoded.transfer_syntax,
                                               self.settings.uid_root, self.settings.manufacturer, self.header_values)
+            else:
+                header = read_header(encoded, self.settings.uid_root, self.settings.manufacturer, self.header_values)
         except UnreadableDataset as exc:
-            return self._refuse(encoded, CANNOT_UNDERSTAND, str(exc), peer)
+            return self._refuse(parts, CANNOT_UNDERSTAND, str(exc), peer)
         except InvalidUID as exc:
-            return self._refuse(encoded, INVALID_UID, str(exc), peer)
+            return self._refuse(parts, INVALID_UID, str(exc), peer)
         if announced is not None and announced[0] != header.key.sop_uid:
-            return self._refuse(encoded, DATASET_MISMATCH, "SOPInstanceUID differs from the request's", peer)
+            return self._refuse(parts, DATASET_MISMATCH, "SOPInstanceUID differs from the request's", peer)
         if announced is not None and announced[1] != header.sop_class_uid:
-            return self._refuse(encoded, DATASET_MISMATCH, "SOPClassUID differs from the request's", peer)
+            return self._refuse(parts, DATASET_MISMATCH, "SOPClassUID differs from the request's", peer)
         stored = Stored(SUCCESS, header)
+        size = sum(len(part) for part in parts)
         kind = header.kind
         produced = self.index.is_produced(header.key.sop_uid)
         if produced:
@@ -443,13 +435,13 @@ class StorageSCP:
                 # the PACS's copy may carry another file meta or transfer syntax, which is no conflict.
                 outcome, path = StoreOutcome.DUPLICATE, own
             else:
-                outcome, path = self.store.write(header.key, encoded)
+                outcome, path = self.store.write(header.key, parts)
             if outcome is StoreOutcome.CONFLICT:
                 return self._kept_aside(path, stored, peer)
             self.store.sync_dirs_of(path)
             received = Received(
                 header=replace(header, kind=kind),
-                path=str(header.key.relative_path), size=len(encoded), absolute=path,
+                path=str(header.key.relative_path), size=size, absolute=path,
             )
             change = self.writer.submit(received).result(timeout=INGEST_TIMEOUT_S)
         except (*INGEST_ERRORS, FutureTimeout) as exc:
@@ -469,7 +461,7 @@ class StorageSCP:
                 return replace(stored, status=OUT_OF_RESOURCES_WRITE, reason="not durable")
         self.metrics.instances.labels(outcome=change.value if outcome is StoreOutcome.STORED else "duplicate").inc()
         if change is IngestChange.NEW:
-            self.metrics.bytes.inc(len(encoded))
+            self.metrics.bytes.inc(size)
         self.log.debug("stored", sop_uid=header.key.sop_uid, study_uid=header.key.study_uid, kind=kind.value,
                        change=change.value)
         return stored
@@ -485,10 +477,10 @@ class StorageSCP:
         self.store.sync_dirs_of(aside)
         return stored
 
-    def _refuse(self, encoded: bytes, status: int, reason: str, peer: str) -> Stored:
+    def _refuse(self, parts: Sequence[bytes], status: int, reason: str, peer: str) -> Stored:
         self.metrics.instances.labels(outcome="refused").inc()
         try:
-            kept = self.store.quarantine_rejected(encoded, reason)
+            kept = self.store.quarantine_rejected(parts, reason)
             self.log.warning("store refused", status=hex(status), reason=reason, peer=peer, kept=kept.name)
         except OSError as exc:
             self.log.warning("store refused, not kept", status=hex(status), reason=reason, peer=peer,

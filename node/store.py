@@ -16,7 +16,7 @@ import os
 import secrets
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,16 +92,17 @@ class StudyStore:
             raise ValueError(f"path leaves the study store: {relative}")
         return candidate
 
-    def _write_temp(self, data: bytes) -> Path:
+    def _write_temp(self, parts: Sequence[bytes]) -> Path:
         temp = self.incoming / f"{secrets.token_hex(8)}.part"
         direct = self.direct_io
         try:
             fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | (os.O_DIRECT if direct else 0), 0o640)
             try:
                 if direct:
-                    self._write_direct(fd, data)
+                    self._write_direct(fd, parts)
                 else:
-                    _write_all(fd, memoryview(data))
+                    for part in parts:
+                        _write_all(fd, memoryview(part))
                 self._fsync(fd)
             finally:
                 os.close(fd)
@@ -109,37 +110,47 @@ class StudyStore:
             temp.unlink(missing_ok=True)
             if direct and isinstance(exc, OSError) and exc.errno == errno.EINVAL:
                 self.direct_io = False  # the filesystem takes no O_DIRECT (tmpfs, some network ones)
-                return self._write_temp(data)
+                return self._write_temp(parts)
             raise
         return temp
 
-    def _write_direct(self, fd: int, data: bytes) -> None:
-        """Write ``data`` past the page cache: through this thread's aligned buffer, a chunk at a
-        time, the last one padded to the block size and the file cut back to its length."""
+    def _write_direct(self, fd: int, parts: Sequence[bytes]) -> None:
+        """Write ``parts`` one after the other past the page cache: through this thread's aligned
+        buffer, a chunk at a time, the last one padded to the block size and the file cut back."""
         buffer: mmap.mmap | None = getattr(self._buffers, "buffer", None)
         if buffer is None:
             buffer = self._buffers.buffer = mmap.mmap(-1, DIRECT_IO_CHUNK)  # page-aligned, as O_DIRECT needs
-        source = memoryview(data)
+        filled = 0
         with memoryview(buffer) as aligned:
-            for start in range(0, len(source), DIRECT_IO_CHUNK):
-                part = source[start:start + DIRECT_IO_CHUNK]
-                padded = -(-len(part) // DIRECT_IO_ALIGN) * DIRECT_IO_ALIGN
-                aligned[:len(part)] = part
-                aligned[len(part):padded] = bytes(padded - len(part))
+            for part in parts:
+                source = memoryview(part)
+                while source:
+                    taken = min(len(source), DIRECT_IO_CHUNK - filled)
+                    aligned[filled:filled + taken] = source[:taken]
+                    filled, source = filled + taken, source[taken:]
+                    if filled == DIRECT_IO_CHUNK:
+                        _write_all(fd, aligned)
+                        filled = 0
+            if filled:
+                padded = -(-filled // DIRECT_IO_ALIGN) * DIRECT_IO_ALIGN
+                aligned[filled:padded] = bytes(padded - filled)
                 _write_all(fd, aligned[:padded])
-        if len(data) % DIRECT_IO_ALIGN:
-            os.ftruncate(fd, len(data))
+        length = sum(len(part) for part in parts)
+        if length % DIRECT_IO_ALIGN:
+            os.ftruncate(fd, length)
 
-    def write(self, key: InstanceKey, data: bytes) -> tuple[StoreOutcome, Path]:
-        """Store ``data`` durably (file fsynced, renamed); returns the outcome and the final path.
+    def write(self, key: InstanceKey, data: bytes | Sequence[bytes]) -> tuple[StoreOutcome, Path]:
+        """Store ``data`` (the file's bytes, or its parts in order) durably (file fsynced, renamed);
+        returns the outcome and the final path.
 
         The folders touched still need ``sync_dirs`` before the instance counts as durable.
         Raises OSError when the bytes cannot be made durable.
         """
+        parts = _parts_of(data)
         final = self.path_of(key)
-        if self._holds(final, data):
+        if self._holds(final, parts):
             return StoreOutcome.DUPLICATE, final
-        temp = self._write_temp(data)  # the slow part (fsync) runs outside any lock
+        temp = self._write_temp(parts)  # the slow part (fsync) runs outside any lock
         # Placed with link(2), which fails if the name exists: of two concurrent writes of one SOP
         # Instance UID, in threads or in receiver processes, the later one finds the earlier in
         # place and never replaces an instance already answered.
@@ -147,7 +158,7 @@ class StudyStore:
         try:
             os.link(temp, final)
         except FileExistsError:
-            if self._holds(final, data):
+            if self._holds(final, parts):
                 temp.unlink()
                 return StoreOutcome.DUPLICATE, final
             return StoreOutcome.CONFLICT, self.set_aside(temp, key)
@@ -162,16 +173,25 @@ class StudyStore:
         return aside
 
     @staticmethod
-    def _holds(path: Path, data: bytes) -> bool:
-        """True when ``path`` is a file with exactly ``data``."""
+    def _holds(path: Path, parts: Sequence[bytes]) -> bool:
+        """True when ``path`` is a file with exactly the bytes of ``parts``, one after the other."""
         try:
-            return path.stat().st_size == len(data) and path.read_bytes() == data
+            if path.stat().st_size != sum(len(part) for part in parts):
+                return False
+            content = memoryview(path.read_bytes())
         except FileNotFoundError:
             return False
+        offset = 0
+        for part in parts:
+            if content[offset:offset + len(part)] != part:
+                return False
+            offset += len(part)
+        return True
 
-    def quarantine_rejected(self, data: bytes, reason: str) -> Path:
-        """Keep a refused dataset for inspection: bad input is answered with a failure, not lost."""
-        temp = self._write_temp(data)
+    def quarantine_rejected(self, parts: Sequence[bytes], reason: str) -> Path:
+        """Keep a refused dataset (its bytes, in parts) for inspection: bad input is answered with
+        a failure, not lost."""
+        temp = self._write_temp(parts)
         folder = self.quarantine / "rejected"
         folder.mkdir(parents=True, exist_ok=True)
         target = folder / f"{temp.stem}.dcm"
@@ -251,6 +271,10 @@ class StudyStore:
         freed = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         shutil.rmtree(folder, ignore_errors=True)
         return freed
+
+
+def _parts_of(data: bytes | Sequence[bytes]) -> Sequence[bytes]:
+    return (data,) if isinstance(data, bytes) else data
 
 
 def _write_all(fd: int, view: memoryview) -> None:

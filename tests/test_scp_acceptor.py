@@ -330,7 +330,7 @@ def test_header_from_the_data_set_equals_the_header_from_the_whole_file() -> Non
         except (UnreadableDataset, ValueError) as exc:
             expected = type(exc)
         try:
-            got: object = read_received_header(data, offset, syntax, UID_ROOT, MANUFACTURER)
+            got: object = read_received_header(data[:offset], data[offset:], syntax, UID_ROOT, MANUFACTURER)
         except (UnreadableDataset, ValueError) as exc:
             got = type(exc)
         assert got == expected, path.name
@@ -350,11 +350,11 @@ def test_values_kept_between_headers_change_no_header() -> None:
         for path in files:
             data, offset, syntax = _split(path)  # type: ignore[misc]
             try:
-                expected: object = read_received_header(data, offset, syntax, UID_ROOT, MANUFACTURER)
+                expected: object = read_received_header(data[:offset], data[offset:], syntax, UID_ROOT, MANUFACTURER)
             except (UnreadableDataset, ValueError) as exc:
                 expected = type(exc)
             try:
-                got: object = read_received_header(data, offset, syntax, UID_ROOT, MANUFACTURER, values)
+                got: object = read_received_header(data[:offset], data[offset:], syntax, UID_ROOT, MANUFACTURER, values)
             except (UnreadableDataset, ValueError) as exc:
                 got = type(exc)
             assert got == expected, path.name
@@ -373,7 +373,7 @@ def test_the_same_bytes_under_another_character_set_are_read_anew() -> None:
         ds.add_new(0x0008103E, "LO", b"\xe0\xe1")  # SeriesDescription, as its bytes
         encoded = BytesIO()
         pydicom.dcmwrite(encoded, ds, implicit_vr=True, little_endian=True)
-        header = read_received_header(encoded.getvalue(), 0, "1.2.840.10008.1.2", UID_ROOT, MANUFACTURER, values)
+        header = read_received_header(b"", encoded.getvalue(), "1.2.840.10008.1.2", UID_ROOT, MANUFACTURER, values)
         descriptions.append(header.series_description)
     assert descriptions == ["рс", "àá"]
 
@@ -383,10 +383,9 @@ def test_a_data_set_that_does_not_parse_is_unreadable() -> None:
     offset = dataset_offset(data)
     broken = data[:offset] + b"\x08\x00\x05\x00CS\xff\xff" + data[offset + 8:offset + 40]
     with pytest.raises(UnreadableDataset):
-        read_received_header(broken, offset, "1.2.840.10008.1.2.1", UID_ROOT, MANUFACTURER)
+        read_received_header(broken[:offset], broken[offset:], "1.2.840.10008.1.2.1", UID_ROOT, MANUFACTURER)
     with pytest.raises(UnreadableDataset):
-        read_received_header(data[:offset] + b"not deflate", offset, "1.2.840.10008.1.2.1.99", UID_ROOT,
-                             MANUFACTURER)
+        read_received_header(data[:offset], b"not deflate", "1.2.840.10008.1.2.1.99", UID_ROOT, MANUFACTURER)
 
 
 @pytest.fixture

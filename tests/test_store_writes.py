@@ -36,6 +36,20 @@ def test_a_written_file_holds_exactly_the_received_bytes(tmp_path: Path, direct_
     assert not list(store.incoming.iterdir())
 
 
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_a_file_written_in_parts_holds_them_one_after_the_other(tmp_path: Path, direct_io: bool) -> None:
+    """The C-STORE path writes the file meta the node built and the data set as received, unglued."""
+    store = StudyStore(tmp_path / "store", direct_io=direct_io)
+    for n, (head, tail) in enumerate([(0, 5), (300, 526_337), (DIRECT_IO_CHUNK - 7, 7), (DIRECT_IO_CHUNK, 1),
+                                      (DIRECT_IO_ALIGN + 3, 2 * DIRECT_IO_CHUNK - 3)]):
+        parts = (os.urandom(head), os.urandom(tail))
+        outcome, path = store.write(_key(n), parts)
+        assert outcome is StoreOutcome.STORED
+        assert path.read_bytes() == parts[0] + parts[1], (head, tail)
+        assert store.write(_key(n), parts[0] + parts[1]) == (StoreOutcome.DUPLICATE, path)
+        assert store.write(_key(n), (parts[0], parts[1][:-1] + bytes([parts[1][-1] ^ 1])))[0] is StoreOutcome.CONFLICT
+
+
 def _cached_bytes(path: Path) -> int:
     done = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
                           capture_output=True, text=True, check=True)
