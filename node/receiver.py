@@ -83,7 +83,6 @@ def serve(spec: ReceiverSpec, slot: int, listening_fd: int) -> None:
     store = StudyStore(spec.node.store_path)
     index = StudyIndex(spec.node.index_path)
     writer = IngestWriter(index)
-    writer.start()
     scp = StorageSCP(spec.node, store, index, writer, ReceiverMetrics(None))
     slots = AssociationSlots(spec.slots, spec.receivers, slot)
     scp.node_wide_connections = slots.connections
@@ -100,7 +99,6 @@ def serve(spec: ReceiverSpec, slot: int, listening_fd: int) -> None:
         if os.getppid() != spec.parent_pid:
             break
     server.shutdown()
-    writer.stop()
 
 
 def leave_out_unused_modules() -> None:

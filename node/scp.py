@@ -443,7 +443,7 @@ class StorageSCP:
                 header=replace(header, kind=kind),
                 path=str(header.key.relative_path), size=size, absolute=path,
             )
-            change = self.writer.submit(received).result(timeout=INGEST_TIMEOUT_S)
+            change = self.writer.commit(received, INGEST_TIMEOUT_S)
         except (*INGEST_ERRORS, FutureTimeout) as exc:
             self.metrics.instances.labels(outcome="write_failed").inc()
             self.log.error("store failed: not durable", error=type(exc).__name__, sop_uid=header.key.sop_uid,

@@ -58,7 +58,6 @@ class Node:
         self.http_port: int | None = None
 
     def start(self) -> None:
-        self.writer.start()
         if self.receivers is not None:
             self.receivers.start()
             self.dicom_port = self.receivers.port
@@ -118,7 +117,6 @@ class Node:
         self.reports.stop()
         self.exporter.stop()
         self.notifier.stop()
-        self.writer.stop()
         if self.settings.http.enabled:
             self.http.shutdown()
         self._log.info("node stopped")

@@ -472,7 +472,6 @@ def test_idle_associations_cost_no_cpu(tmp_path: Path) -> None:
     settings = make_settings(tmp_path).node
     store, index = StudyStore(settings.store_path), StudyIndex(settings.index_path)
     writer = IngestWriter(index)
-    writer.start()
     server = start_scp(settings, StorageSCP(settings, store, index, writer, ReceiverMetrics(None)))
     sockets = [_associated(settings.port) for _ in range(4)]
     try:
@@ -489,7 +488,6 @@ def test_idle_associations_cost_no_cpu(tmp_path: Path) -> None:
         for sock in sockets:
             sock.close()
         server.shutdown()
-        writer.stop()
 
 
 def _reference_values(ds: pydicom.Dataset) -> dict[str, object]:

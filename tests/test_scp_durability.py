@@ -32,6 +32,9 @@ from test_scp_support import (
     write_raw_instance,
 )
 
+from node.headers import InstanceHeader, InstanceKind
+from node.index import IngestChange, Received, StudyIndex
+from node.ingest import IngestWriter
 from node.scp import INVALID_UID, OUT_OF_RESOURCES_DISK, OUT_OF_RESOURCES_WRITE, SUCCESS
 from node.service import Node
 from node.store import InstanceKey, StudyStore
@@ -257,33 +260,73 @@ def test_free_disk_below_the_watermark_is_answered_out_of_resources(
     assert echo(node.dicom_port) == SUCCESS and time.monotonic() - started < 2
 
 
-def test_ingest_writer_survives_a_batch_that_raises(tmp_path: Path) -> None:
-    """Whatever one batch raises fails that batch only: the group-commit thread keeps serving."""
-    from node.headers import InstanceHeader, InstanceKind
-    from node.index import IngestChange, Received, StudyIndex
-    from node.ingest import IngestWriter
-    from node.store import InstanceKey, StudyStore
+def _received(store: StudyStore, sop: str, series_number: int = 1) -> Received:
+    """An instance written to ``store``, ready to be indexed."""
+    header = InstanceHeader(
+        key=InstanceKey("1.2.3", "1.2.3.4", sop), sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+        transfer_syntax_uid="1.2.840.10008.1.2.1", modality="CT", body_part="", image_type="",
+        series_description="", study_description="", series_number=series_number, rows=None,
+        columns=None, slice_thickness=None, study_date="", kind=InstanceKind.IMAGE)
+    _, path = store.write(header.key, b"data of " + sop.encode())
+    return Received(header=header, path=str(header.key.relative_path), size=10, absolute=path)
 
+
+def test_ingest_writer_survives_a_batch_that_raises(tmp_path: Path) -> None:
+    """Whatever one batch raises fails that batch only: the next instance is indexed as usual."""
     store = StudyStore(tmp_path / "store")
     writer = IngestWriter(StudyIndex(tmp_path / "index.sqlite3"))
-    writer.start()
-    try:
-        def received(sop: str, series_number: int) -> Received:
-            header = InstanceHeader(
-                key=InstanceKey("1.2.3", "1.2.3.4", sop), sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
-                transfer_syntax_uid="1.2.840.10008.1.2.1", modality="CT", body_part="", image_type="",
-                series_description="", study_description="", series_number=series_number, rows=None,
-                columns=None, slice_thickness=None, study_date="", kind=InstanceKind.IMAGE)
-            _, path = store.write(header.key, b"data of " + sop.encode())
-            return Received(header=header, path=str(header.key.relative_path), size=10, absolute=path)
+    with pytest.raises(OverflowError):
+        writer.commit(_received(store, "1.2.3.4.5", 2**70), 10)  # no SQLite INTEGER holds this
+    assert writer.commit(_received(store, "1.2.3.4.6"), 10) is IngestChange.NEW
 
-        bad = writer.submit(received("1.2.3.4.5", 2**70))  # no SQLite INTEGER holds this
-        assert isinstance(bad.exception(timeout=10), OverflowError)
-        assert writer._thread.is_alive(), "the ingest writer died"
-        good = writer.submit(received("1.2.3.4.6", 1))
-        assert good.result(timeout=10) is IngestChange.NEW
-    finally:
-        writer.stop()
+
+def test_instances_queued_while_another_receiver_commits_are_indexed_in_one_commit(tmp_path: Path) -> None:
+    """Group commit: eight association threads wait while a sibling receiver holds the index;
+    then one of them indexes all eight in one transaction and each answers with its own result."""
+    store, index = StudyStore(tmp_path / "store"), StudyIndex(tmp_path / "index.sqlite3")
+    sibling = StudyIndex(tmp_path / "index.sqlite3")  # its own lock file descriptor: another receiver
+    writer = IngestWriter(index)
+    batches: list[int] = []
+    record = index.record_instances
+    index.record_instances = lambda batch, now: batches.append(len(batch)) or record(batch, now)  # type: ignore[method-assign]
+    results: dict[str, IngestChange] = {}
+    items = [_received(store, f"1.2.3.4.{n}") for n in range(8)]
+    with sibling.turns.turn():
+        threads = [threading.Thread(target=lambda i=i: results.__setitem__(i.header.key.sop_uid, writer.commit(i, 10)))
+                   for i in items]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 5
+        while len(writer._queued) < len(items) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    for thread in threads:
+        thread.join(10)
+    assert results == {i.header.key.sop_uid: IngestChange.NEW for i in items}
+    assert batches == [8]
+    assert writer.commit(items[0], 10) is IngestChange.KNOWN
+
+
+def test_an_instance_not_indexed_in_time_is_refused_and_indexed_all_the_same(tmp_path: Path) -> None:
+    """A sibling receiver stuck in its commit: the thread that waits to commit behind it waits as
+    long as it takes; the others give up after their timeout (the SCP answers 0xA701), and their
+    instances are indexed by the next commit all the same, as a re-send finds."""
+    store, index = StudyStore(tmp_path / "store"), StudyIndex(tmp_path / "index.sqlite3")
+    writer = IngestWriter(index)
+    first, late = _received(store, "1.2.3.4.1"), _received(store, "1.2.3.4.2")
+    results: list[IngestChange] = []
+    sibling = StudyIndex(tmp_path / "index.sqlite3")
+    with sibling.turns.turn():
+        committing = threading.Thread(target=lambda: results.append(writer.commit(first, 10)))
+        committing.start()
+        while not writer._committing.locked():
+            time.sleep(0.01)
+        started = time.monotonic()
+        with pytest.raises(TimeoutError):
+            writer.commit(late, 0.3)
+        assert 0.3 <= time.monotonic() - started < 2
+    committing.join(10)
+    assert results == [IngestChange.NEW]
+    assert writer.commit(late, 10) is IngestChange.KNOWN
 
 
 def _synced_dirs(fsync: GatedFsync, store: StudyStore, key: InstanceKey) -> list[Path]:
