@@ -142,7 +142,7 @@ def _text(attrs: Attributes, keyword: str) -> str:
 def _integer(value: Any) -> int:
     """An integer attribute (IS, US, UL, SS, SL: all within 32 bits) for the index. Larger values
     (a 20-digit IS, a UV) are invalid for these attributes and would not fit SQLite's INTEGER:
-    binding one raised OverflowError in the ingest writer's thread and killed it."""
+    binding one raised OverflowError in the group commit (and once killed the thread that did it)."""
     number = int(value)
     if not -(2**31) <= number < 2**32:
         raise ValueError("integer attribute out of range")

@@ -1,4 +1,4 @@
-"""One running node: SCP, group-commit writer, assembler, dispatcher, report consumer,
+"""One running node: SCP with its group commit, assembler, dispatcher, report consumer,
 export outbox, retention, HTTP health/metrics and (on embedded defaults) a worker process."""
 
 from __future__ import annotations

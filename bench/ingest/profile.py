@@ -29,7 +29,7 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
     (r"sync_dirs \(node/store\.py", "folder fsync (store.sync_dirs)"),
     (r"\(node/store\.py", "store other (exists/mkdir/rename)"),
     (r"\(node/index\.py", "SQLite index (record_instances, is_produced)"),
-    (r"\(node/ingest\.py", "group-commit writer loop"),
+    (r"\(node/ingest\.py", "group commit (node/ingest.py)"),
     (r"\(concurrent/futures/", "waiting for the group commit"),
     (r"\(node/scp\.py", "on_store other"),
     (r"\(node/(assembler|dispatcher|reports|service|metrics)\.py", "other node threads"),
