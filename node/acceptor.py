@@ -53,6 +53,7 @@ RECV_CHUNK = 4 * 1024 * 1024  # read buffer: a 1 MiB PDU (the node's default max
 
 P_DATA_TF_TYPE = b"\x04"
 P_DATA_TF_RECEIVED = "Evt10"  # PS3.8 9.2: the state machine's event for a P-DATA-TF PDU received
+INVALID_PDU = "Evt19"  # PS3.8 9.2: an invalid PDU received, answered with A-ABORT
 LAST_COMMAND_FRAGMENT = b"\x03"  # PS3.8 E.2: message control header, command, last fragment
 
 
@@ -253,7 +254,7 @@ class IngestDimse(DIMSEServiceProvider):
             context, request, fragments = self._request
             if data[0] & 1 or context_id != context:  # a command, or another context, amid a data set
                 self._request = None
-                self.dul.event_queue.put("Evt19")  # as pynetdicom does for an invalid DIMSE message
+                self.dul.event_queue.put(INVALID_PDU)  # as pynetdicom does for an invalid DIMSE message
                 return
             fragments.append(memoryview(data)[1:])
             if data[0] & 2:  # the data set's last fragment
@@ -261,7 +262,7 @@ class IngestDimse(DIMSEServiceProvider):
                 try:
                     indication = request.primitive(BytesIO(b"".join(fragments)))
                 except ValueError:  # a value the primitive refuses: as pynetdicom's message_to_primitive
-                    self.dul.event_queue.put("Evt19")
+                    self.dul.event_queue.put(INVALID_PDU)
                     return
                 self.msg_queue.put((context, indication))
                 rest = items[index + 1:]
