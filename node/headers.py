@@ -37,9 +37,9 @@ NON_IMAGE_SOP_CLASS_PREFIXES: tuple[str, ...] = (
     "1.2.840.10008.5.1.4.1.1.9.",  # waveforms
     "1.2.840.10008.5.1.4.1.1.7.",  # multi-frame secondary captures
 )
-SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"
+SECONDARY_CAPTURE = "1.2.840.10008.5.1.4.1.1.7"  # incl. our own summary images
 SPECIFIC_CHARACTER_SET = 0x00080005
-PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float, Double Float, Pixel Data  # incl. our own summary images
+PIXEL_DATA_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})  # Float, Double Float, Pixel Data
 
 MAX_KEPT_VALUE = 256  # bytes: longer values are converted every time, not kept (ConvertedValues)
 PROCESSING_ALGORITHM_CODE = "Newcode1"  # IHE AIR purpose of reference "Processing Algorithm"
@@ -88,17 +88,14 @@ class ConvertedValues:
 
     def convert(self, element: RawDataElement, encoding: tuple[str, ...], ds: Dataset) -> Any:
         raw = element.value
-        if raw is None or len(raw) > MAX_KEPT_VALUE:
-            return convert_raw_data_element(element, encoding=list(encoding), ds=ds).value
-        key = (int(element.tag), element.VR, bytes(raw), encoding)
-        try:
+        key = None if raw is None or len(raw) > MAX_KEPT_VALUE else (int(element.tag), element.VR, bytes(raw), encoding)
+        if key in self._values:
             return self._values[key]
-        except KeyError:
-            pass
         value = convert_raw_data_element(element, encoding=list(encoding), ds=ds).value
-        if len(self._values) >= self._limit:
-            self._values.clear()
-        self._values[key] = value
+        if key is not None:
+            if len(self._values) >= self._limit:
+                self._values.clear()
+            self._values[key] = value
         return value
 
 

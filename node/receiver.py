@@ -4,8 +4,9 @@ the node bound and handed down to all its receivers, with the node's own SCP cod
 Started by the node (``node.receivers``) as ``python -P -m node.receiver SPEC SLOT FD``. Every
 guarantee of the in-process SCP holds here, because it is the same code: success only after the
 file is fsynced and renamed, its folders fsynced and its index row committed (this process's own
-group commit; the receivers take turns at the SQLite index, ``WriterTurns``); re-sends de-duplicated by the store's link(2), also between receivers;
-our own results recognised through the index; TLS from the same settings. The association limits
+group commit; the receivers take turns at the SQLite index, ``WriterTurns``); re-sends
+de-duplicated by the store's link(2), also between receivers; our own results recognised through
+the index; TLS from the same settings. The association limits
 are counted over all receivers (:mod:`node.association_slots`), the metrics summed by the node
 (prometheus_client's multiprocess files). The process dies with the node: the kernel sends it
 SIGKILL when its parent exits (``PR_SET_PDEATHSIG``), and it checks its parent at every poll too.

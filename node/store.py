@@ -143,7 +143,7 @@ class StudyStore:
         """Store ``data`` (the file's bytes, or its parts in order) durably (file fsynced, renamed);
         returns the outcome and the final path.
 
-        The folders touched still need ``sync_dirs`` before the instance counts as durable.
+        The folders touched still need ``sync_dirs_of`` before the instance counts as durable.
         Raises OSError when the bytes cannot be made durable.
         """
         parts = _parts_of(data)

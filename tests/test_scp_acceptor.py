@@ -304,6 +304,11 @@ def _real_files() -> list[Path]:
     return sorted(p for p in PYDICOM_TEST_FILES.glob("*.dcm") if p.stat().st_size < 4_000_000)
 
 
+def _charset_files() -> list[Path]:
+    """pydicom's character set test files: names in many scripts."""
+    return sorted((PYDICOM_TEST_FILES.parent / "charset_files").glob("*.dcm"))
+
+
 def _split(path: Path) -> tuple[bytes, int, str] | None:
     """A real file's bytes, where its data set starts, and its transfer syntax (None without meta)."""
     data = path.read_bytes()
@@ -343,7 +348,7 @@ def test_header_from_the_data_set_equals_the_header_from_the_whole_file() -> Non
 def test_values_kept_between_headers_change_no_header() -> None:
     """One ConvertedValues over every real file and character set file, twice over: each header is
     the one read without it (a value kept under one character set is not used under another)."""
-    files = [p for p in _real_files() + sorted((PYDICOM_TEST_FILES.parent / "charset_files").glob("*.dcm")) if _split(p) is not None]
+    files = [p for p in _real_files() + _charset_files() if _split(p) is not None]
     values = ConvertedValues(limit=64)  # small: forgetting happens too
     compared = 0
     for _ in range(2):
@@ -516,7 +521,7 @@ def test_header_values_equal_pydicoms_own_attribute_access() -> None:
     """Every real file pydicom ships, character sets included: the header's one-pass conversion
     (node.headers.Attributes) gives what ``ds.get(keyword)`` gives."""
     compared = 0
-    charset_files = sorted((PYDICOM_TEST_FILES.parent / "charset_files").glob("*.dcm"))
+    charset_files = _charset_files()
     for path in [*_real_files(), *charset_files]:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True)
